@@ -1,0 +1,291 @@
+"""Diffusion-Adaptive Routing (DAR): softmax aggregation over the depth history of sublayer outputs.
+
+A plain residual stream computes the input of sublayer ``l`` as a running sum, ``h_l = v_0 + ... +
+v_{l-1}``. DAR (arXiv 2605.20708) keeps the sources ``v_i`` themselves and lets every sublayer pick
+its own per-token convex combination of them:
+
+    h_l = sum_{i in S_l} alpha_{i->l} v_i,      alpha_{i->l} = softmax_i( q_l . RMSNorm_l(v_i) / sqrt(d) )
+
+``v_0`` is the patch + position embedding; ``v_l`` is the gated output of sublayer ``l`` (attention and
+MLP each count as one layer). ``S_l`` is the source set of :func:`source_indices` (chunked history).
+The query ``q_l`` is ``static`` (a learned vector ``w_l``), ``static_t`` (``w_l + e(t)``) or
+``dynamic`` (``W_q^l v_{l-1}``); all start at zero so routing starts as a uniform average.
+
+Everything a transformer needs is here: :class:`RoutingConfig`, :class:`DepthRouter` (one aggregator
+per sublayer plus the final one) and the :class:`RoutingStream` it hands out for one forward pass:
+
+    stream = router.begin(v0, t_emb)        # or RoutingConfig(mode="residual") for h <- h + v
+    for sublayer in sublayers:
+        v = sublayer(stream.next_input())
+        stream.push(v)
+    h_final = stream.final_input()
+
+Implementation note (why the keys are never materialised): ``q . RMSNorm(v) = (v . (q * g)) / rms(v)``,
+so a source contributes one dot product and a per-token ``1/rms(v)`` that is computed once when the
+source enters the history and shared by every aggregator that reads it. Only per-token logits are
+stacked; the weighted sum accumulates source by source, so no ``[N, B, T, D]`` tensor ever exists and
+autograd keeps nothing per aggregator beyond per-token weights (the sources themselves are shared).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROUTING_MODES = ("residual", "dar")
+QUERY_KINDS = ("static", "static_t", "dynamic")
+TIME_QUERY_KINDS = ("shared", "per_layer")
+FINAL_AGGREGATORS = ("dedicated", "reuse_last")
+RMS_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How sublayer inputs are formed.
+
+    mode: ``residual`` is the plain SiT stream ``h <- h + v`` (bit for bit); ``dar`` routes.
+    query: ``static`` | ``static_t`` | ``dynamic`` (DAR.md §2).
+    chunk_size: S in DAR.md §3; 1 = dense full history, 4 = the paper's "c4" (default).
+    time_query: for ``static_t``, where ``e(t)`` comes from. ``shared`` (default, *inferred*): one
+        zero-initialised ``Linear(SiLU(t_emb))`` shared by all aggregators, so the model costs one d x d
+        beyond ``static``; ``per_layer``: every aggregator owns such a projection.
+    final: ``dedicated`` (default) gives the final layer its own aggregator; ``reuse_last`` applies the
+        last sublayer's aggregator to the final source set, as the paper does with REPA.
+    """
+
+    mode: str = "dar"
+    query: str = "static_t"
+    chunk_size: int = 4
+    time_query: str = "shared"
+    final: str = "dedicated"
+
+    def __post_init__(self):
+        for name, value, choices in (
+            ("mode", self.mode, ROUTING_MODES),
+            ("query", self.query, QUERY_KINDS),
+            ("time_query", self.time_query, TIME_QUERY_KINDS),
+            ("final", self.final, FINAL_AGGREGATORS),
+        ):
+            if value not in choices:
+                raise ValueError(f"routing.{name}={value!r} is not one of {', '.join(choices)}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"routing.chunk_size must be a positive integer, got {self.chunk_size!r}")
+
+    @property
+    def describe(self) -> str:
+        if self.mode == "residual":
+            return "residual"
+        return f"dar-{self.query}-c{self.chunk_size}"
+
+
+def source_indices(layer: int, num_layers: int, chunk_size: int) -> list[int]:
+    """Indices i of the sources v_i that sublayer ``layer`` (1-based) aggregates; ``num_layers + 1`` is
+    the final aggregator.
+
+    Chunk n holds sublayers (n-1)S+1 .. nS and is summarised by its last output v_{nS}. A sublayer in
+    chunk n sees v_0, the summaries of finished chunks and the raw outputs before it in its own chunk.
+    The final aggregator counts as a member of the last chunk, so it sees every raw output of that
+    chunk (DAR.md §3-4: L=24, S=4 -> {v0, v4, ..., v20} U {v21, ..., v24}).
+    """
+    if not 1 <= layer <= num_layers + 1:
+        raise ValueError(f"layer must be in 1..{num_layers + 1}, got {layer}")
+    own_chunk = (min(layer, num_layers) - 1) // chunk_size
+    chunk_start = own_chunk * chunk_size + 1
+    summaries = [n * chunk_size for n in range(1, own_chunk + 1)]
+    return [0] + summaries + list(range(chunk_start, layer))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain; statistics in fp32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = RMS_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * inverse_rms(x, self.eps).unsqueeze(-1) * self.weight).to(x.dtype)
+
+
+def inverse_rms(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """Per-token 1 / RMS(x) in fp32: [..., D] -> [...]."""
+    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+
+
+def _token_dot(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per-token dot product [B, T, D] . q -> [B, T], as a matmul where q is shared by tokens."""
+    q = q.to(v.dtype)
+    if q.dim() == 1:
+        return v @ q
+    if q.dim() == 2:
+        return torch.bmm(v, q.unsqueeze(-1)).squeeze(-1)
+    return (v * q).sum(-1)
+
+
+def aggregate(
+    sources: Sequence[torch.Tensor],
+    source_inv_rms: Sequence[torch.Tensor],
+    query: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over sources of ``query . (v_i / rms(v_i))``, then the alpha-weighted sum of raw ``v_i``.
+
+    sources: K tensors [B, T, D]; source_inv_rms: K tensors [B, T] (fp32).
+    query: already multiplied by the RMSNorm gain and 1/sqrt(D); [D], [B, D] or [B, T, D].
+    Returns (h [B, T, D] in the sources' dtype, alpha [B, T, K] fp32).
+    """
+    logits = torch.stack(
+        [_token_dot(v, query).float() * r for v, r in zip(sources, source_inv_rms)], dim=-1
+    )  # [B, T, K]
+    alpha = torch.softmax(logits, dim=-1)  # fp32 statistics
+    weights = alpha.to(sources[0].dtype).unsqueeze(-1)  # [B, T, K, 1]
+    h = sources[0] * weights[..., 0, :]
+    for k in range(1, len(sources)):
+        h = torch.addcmul(h, sources[k], weights[..., k, :])
+    return h, alpha
+
+
+class DepthAggregator(nn.Module):
+    """One aggregator: its own query parameters and key RMSNorm (DAR.md §1-2)."""
+
+    def __init__(self, dim: int, query: str, per_layer_time_query: bool):
+        super().__init__()
+        self.dim = dim
+        self.query_kind = query
+        self.key_norm = RMSNorm(dim)
+        if query == "dynamic":
+            self.query_proj = nn.Linear(dim, dim, bias=False)  # q_l = W_q v_{l-1}
+        else:
+            self.query = nn.Parameter(torch.zeros(dim))  # w_l
+        if query == "static_t" and per_layer_time_query:
+            self.time_query = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim))  # e_l(t)
+
+    def forward_query(self, latest: torch.Tensor, time_query: torch.Tensor | None) -> torch.Tensor:
+        """q_l times the key gain and 1/sqrt(d): [D], [B, D] or [B, T, D]."""
+        if self.query_kind == "dynamic":
+            q = self.query_proj(latest)  # [B, T, D]
+        else:
+            q = self.query
+            if self.query_kind == "static_t":
+                e_t = self.time_query(time_query) if hasattr(self, "time_query") else time_query
+                q = q + e_t  # [B, D]
+        return q * (self.key_norm.weight / math.sqrt(self.dim)).to(q.dtype)
+
+
+class DepthRouter(nn.Module):
+    """The aggregators of a stack of ``num_layers`` sublayers plus the final one (``num_layers + 1``
+    aggregators for ``final="dedicated"``); empty in residual mode."""
+
+    def __init__(self, dim: int, num_layers: int, config: RoutingConfig):
+        super().__init__()
+        self.dim = dim
+        self.num_layers = num_layers
+        self.config = config
+        if config.mode == "residual":
+            return
+        num_aggregators = num_layers + (1 if config.final == "dedicated" else 0)
+        per_layer = config.time_query == "per_layer"
+        self.aggregators = nn.ModuleList(
+            DepthAggregator(dim, config.query, per_layer) for _ in range(num_aggregators)
+        )
+        if config.query == "static_t" and not per_layer:
+            self.time_query = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim))  # shared e(t)
+        self.source_sets = [source_indices(l, num_layers, config.chunk_size) for l in range(1, num_layers + 2)]
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Zero queries, zero e(t), unit gains: every aggregator starts as a uniform average."""
+        for module in self.modules():
+            if isinstance(module, DepthAggregator):
+                nn.init.ones_(module.key_norm.weight)
+                if module.query_kind == "dynamic":
+                    nn.init.zeros_(module.query_proj.weight)
+                else:
+                    nn.init.zeros_(module.query)
+            if isinstance(module, nn.Sequential):  # a time query head: zero so static_t starts as static
+                nn.init.zeros_(module[1].weight)
+                nn.init.zeros_(module[1].bias)
+
+    def aggregator(self, layer: int) -> DepthAggregator:
+        """The aggregator that forms the input of ``layer`` (1-based; ``num_layers + 1`` = final)."""
+        return self.aggregators[min(layer, len(self.aggregators)) - 1]
+
+    def begin(self, v0: torch.Tensor, t_emb: torch.Tensor | None = None, record_weights: bool = False):
+        """Start one forward pass from the embedding ``v0`` [B, T, D]."""
+        if self.config.mode == "residual":
+            return ResidualStream(v0, self.num_layers)
+        time_query = None
+        if self.config.query == "static_t":
+            if t_emb is None:
+                raise ValueError("routing query 'static_t' needs the timestep embedding t_emb")
+            time_query = self.time_query(t_emb) if hasattr(self, "time_query") else t_emb
+        return RoutingStream(self, v0, time_query, record_weights)
+
+
+class ResidualStream:
+    """``h <- h + v``: the plain residual stream, with the same interface as :class:`RoutingStream`."""
+
+    def __init__(self, v0: torch.Tensor, num_layers: int):
+        self.h = v0
+        self.num_layers = num_layers
+        self.layer = 1
+        self.weights = None
+
+    def next_input(self) -> torch.Tensor:
+        return self.h
+
+    def push(self, v: torch.Tensor) -> None:
+        self.h = self.h + v
+        self.layer += 1
+
+    def final_input(self) -> torch.Tensor:
+        if self.layer != self.num_layers + 1:
+            raise RuntimeError(f"final_input() after {self.layer - 1} of {self.num_layers} sublayers")
+        return self.h
+
+
+class RoutingStream:
+    """The history of one forward pass. Keeps only sources that a later aggregator still reads
+    (v_0, chunk summaries, the current chunk), each with its cached per-token 1/rms."""
+
+    def __init__(self, router: DepthRouter, v0: torch.Tensor, time_query, record_weights: bool):
+        self.router = router
+        self.time_query = time_query
+        self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {0: (v0, inverse_rms(v0))}
+        self.latest = v0
+        self.layer = 1
+        # alpha per aggregator, [B, T, |S_l|] fp32, only when asked for (no cost otherwise)
+        self.weights: list[torch.Tensor] | None = [] if record_weights else None
+
+    def _aggregate(self, layer: int) -> torch.Tensor:
+        indices = self.router.source_sets[layer - 1]
+        aggregator = self.router.aggregator(layer)
+        query = aggregator.forward_query(self.latest, self.time_query)
+        sources, inv_rms = zip(*(self.history[i] for i in indices))
+        h, alpha = aggregate(sources, inv_rms, query)
+        if self.weights is not None:
+            self.weights.append(alpha.detach())
+        return h
+
+    def next_input(self) -> torch.Tensor:
+        return self._aggregate(self.layer)
+
+    def push(self, v: torch.Tensor) -> None:
+        self.history[self.layer] = (v, inverse_rms(v))
+        self.latest = v
+        self.layer += 1
+        S = self.router.config.chunk_size
+        if (self.layer - 1) % S == 0 and self.layer <= self.router.num_layers:
+            # a chunk just finished: its non-summary members are never read again
+            for i in range(self.layer - S, self.layer - 1):
+                self.history.pop(i, None)
+
+    def final_input(self) -> torch.Tensor:
+        L = self.router.num_layers
+        if self.layer != L + 1:
+            raise RuntimeError(f"final_input() after {self.layer - 1} of {L} sublayers")
+        return self._aggregate(L + 1)
