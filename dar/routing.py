@@ -109,12 +109,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() * inverse_rms(x, self.eps).unsqueeze(-1) * self.weight).to(x.dtype)
+        return (x * inverse_rms(x, self.eps).unsqueeze(-1) * self.weight).to(x.dtype)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and RMS statistics run in fp32 at least (fp64 stays fp64, for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def inverse_rms(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
-    """Per-token 1 / RMS(x) in fp32: [..., D] -> [...]."""
-    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+    """Per-token 1 / RMS(x) in fp32 (or wider): [..., D] -> [...]."""
+    return torch.rsqrt(x.to(stat_dtype(x.dtype)).pow(2).mean(-1) + eps)
 
 
 def _token_dot(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -139,7 +144,7 @@ def aggregate(
     Returns (h [B, T, D] in the sources' dtype, alpha [B, T, K] fp32).
     """
     logits = torch.stack(
-        [_token_dot(v, query).float() * r for v, r in zip(sources, source_inv_rms)], dim=-1
+        [_token_dot(v, query).to(r.dtype) * r for v, r in zip(sources, source_inv_rms)], dim=-1
     )  # [B, T, K]
     alpha = torch.softmax(logits, dim=-1)  # fp32 statistics
     weights = alpha.to(sources[0].dtype).unsqueeze(-1)  # [B, T, K, 1]

@@ -82,8 +82,9 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
+        dtype = torch.promote_types(t.dtype, torch.float32)  # fp32 as SiT; fp64 stays fp64
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+        args = t[:, None].to(dtype) * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
@@ -251,9 +252,8 @@ class SiT(nn.Module):
         v0 = self.x_embedder(x) + self.pos_embed  # [B, T, D]
         t_emb = self.t_embedder(t)  # [B, D]
         c = t_emb + self.y_embedder(y)  # [B, D]
-        stream = self.router.begin(v0, t_emb, record_weights=return_routing)
-        if inspect is not None:
-            stream = inspect(stream)
+        routed = self.router.begin(v0, t_emb, record_weights=return_routing)
+        stream = inspect(routed) if inspect is not None else routed
         for block in self.blocks:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
             stream.push(self._sublayer(block.attn_update, stream.next_input(), shift_msa, scale_msa, gate_msa))
@@ -263,7 +263,7 @@ class SiT(nn.Module):
         if self.config.learn_sigma:
             out = out[:, : self.in_channels]  # SiT returns the velocity half only
         if return_routing:
-            return out, (stream.weights or [])
+            return out, (routed.weights or [])
         return out
 
 

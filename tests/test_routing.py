@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+
+from dar.routing import DepthRouter, RMSNorm, RoutingConfig, aggregate, inverse_rms, source_indices
+
+
+def naive_aggregate(sources, query, gain):
+    """DAR.md §1 literally: stack keys, RMSNorm them, softmax over depth."""
+    V = torch.stack(sources)  # [K, B, T, D]
+    keys = RMSNorm(V.shape[-1])
+    keys.weight.data = gain.clone()
+    K = keys(V)
+    q = query if query.dim() != 2 else query[:, None, :]
+    logits = (K * q).sum(-1) / math.sqrt(V.shape[-1])  # [K, B, T]
+    alpha = torch.softmax(logits, dim=0)
+    return (alpha[..., None] * V).sum(0), alpha.permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("query_shape", ["d", "bd", "btd"])
+def test_aggregate_equals_naive_formula(query_shape):
+    B, T, D, K = 2, 5, 16, 4
+    sources = [torch.randn(B, T, D) * (i + 1) for i in range(K)]
+    shape = {"d": (D,), "bd": (B, D), "btd": (B, T, D)}[query_shape]
+    q, gain = torch.randn(shape), torch.rand(D) + 0.5
+    h, alpha = aggregate(sources, [inverse_rms(v) for v in sources], q * gain / math.sqrt(D))
+    h_ref, alpha_ref = naive_aggregate(sources, q, gain)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alpha, alpha_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(B, T))
+
+
+@pytest.mark.parametrize("query_shape", [(6,), (2, 6), (2, 3, 6)])
+def test_aggregate_gradcheck_float64(query_shape):
+    sources = [torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    inv = [torch.rand(2, 3, dtype=torch.float64, requires_grad=True) + 0.5 for _ in range(3)]
+    q = torch.randn(query_shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: aggregate(a[:3], a[3:6], a[6])[0], (*sources, *inv, q))
+
+
+def test_softmax_statistics_are_fp32_for_bf16_sources():
+    sources = [torch.randn(2, 4, 8).bfloat16() for _ in range(3)]
+    h, alpha = aggregate(sources, [inverse_rms(v) for v in sources], torch.randn(8))
+    assert alpha.dtype == torch.float32 and h.dtype == torch.bfloat16
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(2, 4))
+
+
+def test_source_sets_dense_chunked_and_single_chunk():
+    L = 24
+    dense = [source_indices(l, L, 1) for l in range(1, L + 2)]
+    assert dense == [list(range(l)) for l in range(1, L + 2)]
+    whole = [source_indices(l, L, L) for l in range(1, L + 2)]
+    assert whole == dense  # one chunk holding everything is the dense history too
+    c4 = {l: source_indices(l, L, 4) for l in range(1, L + 2)}
+    assert c4[1] == [0] and c4[2] == [0, 1] and c4[4] == [0, 1, 2, 3]
+    assert c4[5] == [0, 4] and c4[6] == [0, 4, 5] and c4[8] == [0, 4, 5, 6, 7] and c4[9] == [0, 4, 8]
+    assert c4[L + 1] == [0, 4, 8, 12, 16, 20, 21, 22, 23, 24]
+    for l in range(1, L + 2):  # |S_l| <= S + N
+        assert len(c4[l]) <= 4 + 6
+
+
+def test_source_set_of_final_aggregator_with_partial_last_chunk():
+    assert source_indices(11, 10, 4) == [0, 4, 8, 9, 10]
+    with pytest.raises(ValueError, match="layer must be in"):
+        source_indices(12, 10, 4)
+
+
+def test_bad_routing_config_names_the_field():
+    with pytest.raises(ValueError, match="routing.query='dyn'"):
+        RoutingConfig(query="dyn")
+    with pytest.raises(ValueError, match="chunk_size"):
+        RoutingConfig(chunk_size=0)
+
+
+@pytest.mark.parametrize("query", ["static", "static_t", "dynamic"])
+def test_zero_initialised_router_is_uniform_and_residual_is_a_sum(query):
+    L, B, T, D = 8, 2, 3, 16
+    router = DepthRouter(D, L, RoutingConfig(query=query, chunk_size=4))
+    stream = router.begin(torch.randn(B, T, D), torch.randn(B, D), record_weights=True)
+    for _ in range(L):
+        stream.next_input()
+        stream.push(torch.randn(B, T, D) * 5)
+    stream.final_input()
+    assert len(stream.weights) == L + 1
+    for l, alpha in enumerate(stream.weights, start=1):
+        k = len(source_indices(l, L, 4))
+        torch.testing.assert_close(alpha, torch.full((B, T, k), 1.0 / k))
+
+    residual = DepthRouter(D, 2, RoutingConfig(mode="residual"))
+    assert len(list(residual.parameters())) == 0
+    v0, v1, v2 = torch.randn(3, B, T, D)
+    s = residual.begin(v0)
+    s.push(v1)
+    s.push(v2)
+    assert torch.equal(s.final_input(), v0 + v1 + v2)
+
+
+def test_static_t_requires_the_timestep_embedding():
+    router = DepthRouter(8, 2, RoutingConfig(query="static_t"))
+    with pytest.raises(ValueError, match="t_emb"):
+        router.begin(torch.randn(1, 2, 8))
+
+
+def test_final_input_before_all_sublayers_is_an_error():
+    router = DepthRouter(8, 4, RoutingConfig(query="static"))
+    stream = router.begin(torch.randn(1, 2, 8))
+    stream.push(torch.randn(1, 2, 8))
+    with pytest.raises(RuntimeError, match="1 of 4"):
+        stream.final_input()
