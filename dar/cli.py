@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or continue) a run", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="presets: " + ", ".join(PRESETS) + "\nA run dir with checkpoints is continued.")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=500")
+                       usage="dar train [options] [KEY=VALUE ...]",
+                       epilog="KEY=VALUE overrides any config field, e.g. train.steps=500 model.routing.query=dynamic\n"
+                              "presets: " + ", ".join(PRESETS) + "\nA run dir with checkpoints is continued.")
     p.add_argument("--preset", default="fmnist", choices=sorted(PRESETS))
     p.add_argument("--run-dir", help="output directory (default runs/PRESET)")
     p.add_argument("--resume", action="store_true", help="require an existing checkpoint to continue from")
@@ -127,9 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sample", help="generate samples: a labelled grid PNG and/or an ADM .npz")
+    p = sub.add_parser("sample", help="generate samples: a labelled grid PNG and/or an ADM .npz",
+                       usage="dar sample CHECKPOINT [options] [sampler.KEY=VALUE ...]",
+                       epilog="sampler.KEY=VALUE overrides the checkpoint's sampler, e.g. sampler.method=sde "
+                              "sampler.steps=250 sampler.cfg_scale=1.5 sampler.guidance_interval=0,0.7")
     p.add_argument("checkpoint", help="run dir (latest checkpoint), checkpoint dir, or .safetensors file")
-    p.add_argument("overrides", nargs="*", metavar="sampler.KEY=VALUE", help="e.g. sampler.method=sde sampler.cfg_scale=1.5")
     p.add_argument("--num", type=int, default=80, help="number of samples")
     p.add_argument("--out", help="directory for samples.npz + samples.json (sharded, resumable, torchrun-aware)")
     p.add_argument("--grid", help="PNG path for a labelled grid of the first samples (at most 160)")
@@ -154,14 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_commands():
     """Subcommands that live in their own modules."""
-    from dar.evaluate.cli import add_eval_parser
-
-    return [add_eval_parser]
+    return []  # TEMP until dar.evaluate.cli lands
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # KEY=VALUE tokens are config overrides wherever they appear; everything else is an option.
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
+    if overrides and args.command not in ("train", "sample"):
+        parser.error(f"`dar {args.command}` takes no KEY=VALUE overrides (got {overrides[0]})")
     from dar.checkpoint import CheckpointError
     from dar.train import TrainingDiverged
 

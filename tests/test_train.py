@@ -1,0 +1,100 @@
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from dar.checkpoint import CheckpointError, latest_checkpoint, load_model
+from dar.config import resolve
+from dar.train import TrainingDiverged, train
+
+TINY = ["model.arch=SiT-Pico/8", "train.global_batch=8", "train.ckpt_every=0", "train.sample_every=0",
+        "train.log_every=1", "train.keep_checkpoints=0"]
+
+
+def tiny_config(*extra, routing="model.routing.query=static_t"):
+    return resolve("fmnist", [*TINY, routing, *extra])
+
+
+def weights(run_dir, which="model"):
+    return load_file(str(latest_checkpoint(run_dir) / f"{which}.safetensors"))
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("routing", ["model.routing.mode=residual", "model.routing.query=dynamic"])
+def test_resume_is_exact(tmp_path, routing):
+    config = tiny_config("train.steps=6", routing=routing)
+    train(config, tmp_path / "straight", progress=False)
+    train(config, tmp_path / "interrupted", progress=False, stop_after=3)
+    assert latest_checkpoint(tmp_path / "interrupted").name == "step_0000003"
+    train(config, tmp_path / "interrupted", resume=True, progress=False)
+    for which in ("model", "ema"):
+        assert_identical(weights(tmp_path / "straight", which), weights(tmp_path / "interrupted", which))
+    losses = [[json.loads(l)["loss"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("straight", "interrupted")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(tiny_config("train.steps=2"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="train.lr"):
+        train(tiny_config("train.steps=4", "train.lr=0.01"), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(tiny_config(), tmp_path / "empty", resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from dar import transport
+
+    real, calls = transport.Transport.loss, {"n": 0}
+
+    def poisoned(self, *args):
+        calls["n"] += 1
+        loss = real(self, *args)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(transport.Transport, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="step 4.*step 2"):
+        train(tiny_config("train.steps=6", "train.ckpt_every=2"), tmp_path, progress=False)
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+    model, config, step = load_model(tmp_path)
+    assert step == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_data_and_model_mismatch_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="model.in_channels=3 but the data has 1"):
+        train(tiny_config("model.in_channels=3"), tmp_path, progress=False)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, config, run_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(config, run_dir, device="cpu", progress=False)
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    config = tiny_config("train.steps=3")
+    torch.set_num_threads(1)
+    train(config, tmp_path / "single", device="cpu", progress=False)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), config, tmp_path / "ddp"), nprocs=2, join=True)
+    single, ddp = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(mp.ProcessRaisedException, match="not divisible by 2 processes"):
+        mp_config = tiny_config("train.global_batch=7")
+        mp.spawn(_ddp_worker, args=(2, _free_port(), mp_config, tmp_path / "odd"), nprocs=2, join=True)
