@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_commands():
     """Subcommands that live in their own modules."""
-    return []  # TEMP until dar.evaluate.cli lands
+    from dar.bench import add_bench_parser
+
+    return [add_bench_parser]  # TEMP: eval lands with dar.evaluate.cli
 
 
 def main(argv: list[str] | None = None) -> int:

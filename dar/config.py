@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dar.models.sit import ModelConfig
-from dar.routing import RoutingConfig
+from dar.routing import BACKENDS, RoutingConfig
 from dar.sampling import SamplerConfig
 
 PRECISIONS = ("fp32", "bf16")
@@ -45,6 +45,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; params, optimizer and softmax stats stay fp32)
     grad_checkpointing: bool = False
     compile: bool = False
+    routing_backend: str = "auto"  # auto | torch | recompute | triton (same math; see DepthRouter.set_backend)
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
@@ -56,6 +57,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.routing_backend not in BACKENDS:
+            raise ValueError(f"train.routing_backend={self.routing_backend!r} is not one of {', '.join(BACKENDS)}")
         for name in ("steps", "global_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -41,6 +41,7 @@ ROUTING_MODES = ("residual", "dar")
 QUERY_KINDS = ("static", "static_t", "dynamic")
 TIME_QUERY_KINDS = ("shared", "per_layer")
 FINAL_AGGREGATORS = ("dedicated", "reuse_last")
+BACKENDS = ("auto", "torch", "recompute", "triton")
 RMS_EPS = 1e-6
 
 
@@ -190,6 +191,7 @@ class DepthRouter(nn.Module):
         self.dim = dim
         self.num_layers = num_layers
         self.config = config
+        self.backend = "auto"  # how aggregate() runs; not part of the model (see set_backend)
         if config.mode == "residual":
             return
         num_aggregators = num_layers + (1 if config.final == "dedicated" else 0)
@@ -214,6 +216,24 @@ class DepthRouter(nn.Module):
             if isinstance(module, nn.Sequential):  # a time query head: zero so static_t starts as static
                 nn.init.zeros_(module[1].weight)
                 nn.init.zeros_(module[1].bias)
+
+    def set_backend(self, backend: str) -> None:
+        """``auto`` (fused Triton kernel on CUDA when Triton is installed, else ``torch``), ``torch``
+        (plain autograd, :func:`aggregate`), ``recompute`` (saves per-token statistics only and
+        recomputes the weights in backward) or ``triton``. All compute the same function."""
+        if backend not in BACKENDS:
+            raise ValueError(f"routing backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        self.backend = backend
+
+    def resolve_backend(self, device: torch.device) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if device.type == "cuda":
+            from dar.kernels import triton_available
+
+            if triton_available(device):
+                return "triton"
+        return "torch"
 
     def aggregator(self, layer: int) -> DepthAggregator:
         """The aggregator that forms the input of ``layer`` (1-based; ``num_layers + 1`` = final)."""
@@ -259,6 +279,7 @@ class RoutingStream:
 
     def __init__(self, router: DepthRouter, v0: torch.Tensor, time_query, record_weights: bool):
         self.router = router
+        self.backend = router.resolve_backend(v0.device)
         self.time_query = time_query
         self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {0: (v0, inverse_rms(v0))}
         self.latest = v0
@@ -271,7 +292,12 @@ class RoutingStream:
         aggregator = self.router.aggregator(layer)
         query = aggregator.forward_query(self.latest, self.time_query)
         sources, inv_rms = zip(*(self.history[i] for i in indices))
-        h, alpha = aggregate(sources, inv_rms, query)
+        if self.backend == "torch":
+            h, alpha = aggregate(sources, inv_rms, query)
+        else:
+            from dar.kernels import fused_aggregate
+
+            h, alpha = fused_aggregate(sources, inv_rms, query, self.backend)
         if self.weights is not None:
             self.weights.append(alpha.detach())
         return h

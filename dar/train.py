@@ -39,7 +39,8 @@ class TrainingDiverged(RuntimeError):
 # Config fields that may differ when a run is resumed: they change bookkeeping, not the trajectory.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                      "train.eval_every", "train.eval_samples", "train.keep_checkpoints", "train.compile",
-                     "train.grad_checkpointing", "data.num_workers", "data.path"}
+                     "train.grad_checkpointing", "train.routing_backend", "data.num_workers",
+                     "data.path"}
 
 
 class Distributed:
@@ -206,6 +207,7 @@ def _train(config, run_dir, resume, env, progress, stop_after, make_dataset):
     torch.manual_seed(tc.seed)
     model = build_model(config.model).to(env.device)
     model.gradient_checkpointing = tc.grad_checkpointing
+    model.router.set_backend(tc.routing_backend)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
     transport = Transport(config.transport_path)

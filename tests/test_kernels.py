@@ -1,9 +1,10 @@
 """The ``recompute`` and ``triton`` aggregation backends against :func:`dar.routing.aggregate`.
 
 Every case checks h, alpha and the gradients with respect to every source, every inv_rms and the
-query, with upstream gradients on both h and alpha. The expected values are the reference run in
-float64 on the very same (dtype-rounded) inputs, so the tolerance only has to cover the backend's
-own rounding: fp32 arithmetic, plus one rounding of h and of the source gradients to bf16.
+query, with upstream gradients on both h and alpha. The expected values are the reference run on
+float64 copies of the very same (dtype-rounded) inputs (its dot products pass through fp32), so the
+tolerance only has to cover the backend's own rounding: fp32 arithmetic, plus one rounding of h and
+of the source gradients to bf16 or fp16.
 
 Without CUDA the Triton kernels run on the CPU through Triton's interpreter, which is why
 ``TRITON_INTERPRET`` is set before anything imports :mod:`dar.kernels.triton_aggregate` and why

@@ -223,3 +223,21 @@ def test_bad_model_config_names_the_problem():
         ModelConfig(arch="SiT-Q/2")
     with pytest.raises(ValueError, match="not divisible by patch size 8"):
         ModelConfig(arch="SiT-S/8", input_size=28)
+
+
+@pytest.mark.parametrize("query", ["static_t", "dynamic"])
+def test_recompute_backend_matches_torch_backend_in_the_model(query):
+    model = randomize(build_model(tiny(routing=RoutingConfig(query=query, chunk_size=3)))).double()
+    x, t, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, dtype=torch.float64), torch.tensor([1, 2])
+    grads = {}
+    for backend in ("torch", "recompute"):
+        model.zero_grad()
+        model.router.set_backend(backend)
+        out = model(x, t, y)
+        out.square().mean().backward()
+        grads[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(grads["recompute"][0], grads["torch"][0], rtol=1e-10, atol=1e-10)
+    for n, g in grads["torch"][1].items():
+        torch.testing.assert_close(grads["recompute"][1][n], g, rtol=1e-6, atol=1e-6 * g.abs().max().item())
+    with pytest.raises(ValueError, match="routing backend 'cuda'"):
+        model.router.set_backend("cuda")

@@ -1,14 +1,15 @@
 """DAR aggregation as one ``torch.autograd.Function`` that recomputes the routing weights in backward.
 
 Same semantics as :func:`dar.routing.aggregate`: logits ``z_k = (v_k . q) r_k``, ``alpha = softmax_k(z)``
-and ``h = sum_k alpha_k v_k``. Letting autograd record that graph keeps, per aggregator, the stacked
-logits, alpha and a copy of alpha in the sources' dtype (all ``[B, T, K]``) plus per-source
-intermediates. This Function keeps only what it was given (the sources, their ``1/rms`` and the
-query, all alive anyway because other aggregators and the sublayers share them) and one ``[B, T]``
-log-sum-exp per token; backward recomputes ``alpha_k = exp(z_k - lse)`` from it.
+and ``h = sum_k alpha_k v_k``. Letting autograd record that graph keeps, per aggregator, alpha in fp32
+and again in the sources' dtype (``[B, T, K]`` each), every source's ``[B, T]`` dot product and one
+cast copy of the query per source. This Function keeps only what it was given (the sources, their
+``1/rms`` and the query, alive anyway because other aggregators and the sublayers share them) and one
+``[B, T]`` log-sum-exp per token; backward recomputes ``alpha_k = exp(z_k - lse)`` from it.
 
 Nothing ``[K, B, T, D]`` is ever built: both directions stream over the sources one at a time, so the
-only full-size temporaries are one fp32 accumulator and one source upcast to fp32 at a time.
+full-size temporaries are a few fp32 ``[B, T, D]`` buffers (the accumulator or ``dL/dh``, and the one
+source being processed, upcast).
 
 Unlike the reference, which rounds alpha to the sources' dtype and accumulates ``h`` there, logits,
 weights and the sum are all fp32 (fp64 for fp64 inputs, which gradcheck uses) and ``h`` is rounded

@@ -68,7 +68,7 @@ POINTER_ALIGNMENT = 16  # bytes; promised to the compiler (in _typed_pointer) so
 def _typed_pointer(table, k, like):
     """Entry ``k`` of an int64 pointer table as a pointer of ``like``'s type. The hint restates what
     ``_kernel_ready`` ensures: without it the compiler cannot know the alignment of a pointer read from
-    memory and falls back to scalar loads."""
+    memory and falls back to scalar loads. (16 is POINTER_ALIGNMENT: jit code sees no plain globals.)"""
     return tl.multiple_of(tl.load(table + k).to(like.dtype), 16)
 
 
