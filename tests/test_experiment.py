@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import pytest
+
+from dar.experiment import bootstrap_interval, load_experiment, run_dirs, steps_to_reach, summarize
+
+STUDY = """
+name = "t"
+preset = "fmnist"
+overrides = ["model.arch=SiT-Pico/8", "train.global_batch=8", "train.steps=4", "train.sample_every=0",
+             "train.eval_every=2", "train.eval_samples=20", "sampler.steps=2", "sampler.method=euler"]
+[[group]]
+name = "main"
+seeds = [0, 1]
+baseline = "residual"
+[group.variants]
+residual = ["model.routing.mode=residual"]
+dar = ["model.routing.query=static_t"]
+[[group]]
+name = "chunk"
+seeds = [0]
+[group.variants]
+c4 = ["model.routing.query=static_t"]
+"""
+
+
+def write(tmp_path, text=STUDY):
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    return path
+
+
+def test_identical_configs_share_a_run_and_seeds_differ(tmp_path):
+    experiment = load_experiment(write(tmp_path))
+    dirs = run_dirs(experiment, tmp_path)
+    assert dirs["chunk", "c4", 0] == dirs["main", "dar", 0]
+    assert len({dirs["main", "dar", 0], dirs["main", "dar", 1], dirs["main", "residual", 0]}) == 3
+
+
+@pytest.mark.parametrize("text,message", [
+    (STUDY.replace('name = "t"', 'nam = "t"'), "unknown key 'nam'"),
+    (STUDY.replace('baseline = "residual"', 'baseline = "sit"'), "baseline 'sit'"),
+    (STUDY.replace("train.steps=4", "train.stepz=4"), "unknown config key train.stepz"),
+])
+def test_bad_experiment_files_are_rejected_before_training(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_experiment(write(tmp_path, text))
+
+
+def test_summary_speedup_against_each_seeds_baseline(tmp_path):
+    path = write(tmp_path)
+    dirs = run_dirs(load_experiment(path), tmp_path)
+    curves = {("residual", 0): [9, 7, 5], ("residual", 1): [10, 8, 6],
+              ("dar", 0): [8, 5, 3], ("dar", 1): [9, 7, 4]}
+    for (variant, seed), values in curves.items():
+        d = dirs["main", variant, seed]
+        d.mkdir(parents=True)
+        lines = [json.dumps({"step": 100 * (i + 1), "eval/fd_fmnist": v}) for i, v in enumerate(values)]
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    table = summarize(path, tmp_path)["groups"]["main"]
+    assert table["residual"]["final_mean"] == 5.5
+    assert table["dar"]["final"] == [3.0, 4.0]
+    # seed 0: reaches 5 at step 200 (300/200 = 1.5x); seed 1: reaches 6 at step 300 (1.0x)
+    assert table["dar"]["speedup_per_seed"] == [1.5, 1.0]
+    assert table["dar"]["speedup_mean"] == 1.25
+    lo, hi = table["dar"]["speedup_ci95"]
+    assert 1.0 <= lo <= 1.25 <= hi <= 1.5
+
+
+def test_steps_to_reach_and_bootstrap():
+    assert steps_to_reach(np.array([1, 2, 3]), np.array([5.0, 4.0, 3.0]), 4.0) == 2
+    assert steps_to_reach(np.array([1, 2]), np.array([5.0, 4.0]), 1.0) == float("inf")
+    assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
