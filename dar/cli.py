@@ -158,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_commands():
     """Subcommands that live in their own modules."""
     from dar.bench import add_bench_parser
+    from dar.diagnose_cli import add_diagnose_parser
     from dar.experiment import add_experiment_parser
 
-    return [add_bench_parser, add_experiment_parser]  # TEMP: eval and diagnose land with their modules
+    return [add_bench_parser, add_diagnose_parser, add_experiment_parser]  # TEMP: eval lands with dar.evaluate.cli
 
 
 def main(argv: list[str] | None = None) -> int:
