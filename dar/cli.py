@@ -150,18 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_info)
 
-    for register in _optional_commands():
+    for register in _module_commands():
         register(sub)
     return parser
 
 
-def _optional_commands():
-    """Subcommands that live in their own modules."""
+def _module_commands():
+    """Subcommands that live beside the code they drive."""
     from dar.bench import add_bench_parser
     from dar.diagnose_cli import add_diagnose_parser
+    from dar.evaluate.cli import add_eval_parser
     from dar.experiment import add_experiment_parser
 
-    return [add_bench_parser, add_diagnose_parser, add_experiment_parser]  # TEMP: eval lands with dar.evaluate.cli
+    return [add_eval_parser, add_diagnose_parser, add_bench_parser, add_experiment_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

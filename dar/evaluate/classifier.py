@@ -22,7 +22,6 @@ Input convention: model space, ``x = u / 127.5 - 1`` for uint8 pixels ``u`` (the
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -104,15 +103,6 @@ def uint8_to_model(images: np.ndarray) -> torch.Tensor:
     if pad:
         images = np.pad(images, ((0, 0), (pad, pad), (pad, pad)), constant_values=0)
     return torch.from_numpy(np.ascontiguousarray(images)[:, None]).float().div_(127.5).sub_(1.0)
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB blocks (weight files can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_classifier_metadata(path: str | Path = CLASSIFIER_PATH) -> dict[str, str]:

@@ -61,8 +61,8 @@ SPATIAL_SIZE = 17
 SPATIAL_DIM = SPATIAL_SIZE * SPATIAL_SIZE * SPATIAL_CHANNELS  # 2023
 
 
-class InceptionWeightsError(RuntimeError):
-    """The Inception weight file is missing, unreadable or not the pytorch-fid FID Inception."""
+class InceptionWeightsError(ValueError):
+    """The Inception weight file is missing, unreadable or not the pytorch-fid FID Inception (a bad input value)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +264,9 @@ def preprocess(images: np.ndarray | torch.Tensor, device: str | torch.device = "
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"expected images [N, H, W, C] with C = 1 or 3 (or [N, H, W]), got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"expected images [N, H, W, C] with C = 1 or 3 (or [N, H, W]), got shape {tuple(images.shape)}"
+        )
     x = images.to(device).permute(0, 3, 1, 2).float() / 255.0
     x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
     x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
@@ -281,7 +283,7 @@ def _missing_weights_message(reason: str) -> str:
         f"The FID Inception weights are not available ({reason}).\n"
         f"Obtain the pytorch-fid weight file {FID_WEIGHTS_FILENAME} from\n"
         f"    {FID_WEIGHTS_URL}\n"
-        "(about 91 MB) on a machine with internet access, copy it to this machine, and pass it with\n"
+        "(about 95 MB) on a machine with internet access, copy it to this machine, and pass it with\n"
         f"    --inception-weights /path/to/{FID_WEIGHTS_FILENAME}\n"
         f"or set the environment variable {WEIGHTS_ENV_VAR}=/path/to/{FID_WEIGHTS_FILENAME}\n"
         f"or put it at {hub_cache_path()} (where pytorch-fid caches it too)."
@@ -321,7 +323,9 @@ def resolve_weights_path(weights: str | Path | None = None, *, download: bool = 
 
 def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
     """Every tensor the pytorch-fid file must provide, with its shape (BatchNorm step counters excluded)."""
-    return {k: tuple(v.shape) for k, v in FIDInceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}
+    with torch.device("meta"):  # shapes only: no memory, no random initialisation
+        model = FIDInceptionV3()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -354,7 +358,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         if wrong:
             details.append(
-                f"{len(wrong)} with the wrong shape (e.g. " + ", ".join(f"{k}: {found[k]} != {expected[k]}" for k in wrong[:3]) + ")"
+                f"{len(wrong)} with the wrong shape (e.g. "
+                + ", ".join(f"{k}: {found[k]} != {expected[k]}" for k in wrong[:3])
+                + ")"
             )
         raise InceptionWeightsError(
             f"{path}: not the pytorch-fid FID Inception weights ({'; '.join(details)}). "
