@@ -276,7 +276,7 @@ def _train(config, run_dir, resume, env, progress, stop_after, make_dataset):
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
                      if tc.grad_clip > 0 else None)
         optimizer.step()
-        update_ema(ema, model, tc.ema_decay)
+        update_ema(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay)
         step += 1
         final_loss = global_loss
         window_loss += global_loss

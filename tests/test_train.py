@@ -98,3 +98,13 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="not divisible by 2 processes"):
         mp_config = tiny_config("train.global_batch=7")
         mp.spawn(_ddp_worker, args=(2, _free_port(), mp_config, tmp_path / "odd"), nprocs=2, join=True)
+
+
+def test_ema_update_is_a_lerp_towards_the_model():
+    from dar.train import update_ema
+
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    update_ema(ema, model, 0.9)
+    for e, b, m in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * m)
