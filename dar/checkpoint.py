@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shutil
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from dar.config import RunConfig
 from dar.models.sit import SiT, build_model
+from dar.provenance import package_versions
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 FORMAT = "dar-v1"
@@ -36,19 +36,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, truncated or does not fit the model."""
 
 
-def package_versions() -> dict[str, str]:
-    import numpy
-    import safetensors
-
-    import dar
-
-    return {
-        "dar": dar.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _fsync_dir(path: Path) -> None:

@@ -84,6 +84,11 @@ class RunConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # for sample grids / periodic eval
     transport_path: str = "linear"
 
+    def __post_init__(self):
+        if self.train.eval_every and self.data.name != "builtin":
+            raise ValueError("train.eval_every needs data.name=builtin (the in-domain evaluator's reference); "
+                             "evaluate other data with `dar sample` + `dar eval`")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

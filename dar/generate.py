@@ -8,7 +8,6 @@ shards. Process r of N takes shards r, r+N, ... (torchrun). Rank 0 merges the sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -17,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dar.checkpoint import load_model, package_versions, resolve_checkpoint
+from dar.checkpoint import load_model, resolve_checkpoint
+from dar.provenance import file_sha256, package_versions
 from dar.sampling import SamplerConfig, sample
 from dar.train import Distributed, step_generator
 
@@ -25,12 +25,6 @@ LABEL_MODES = ("balanced", "random")
 NOISE_STREAM, LABEL_STREAM, SDE_STREAM = 10, 11, 12
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sample_labels(num: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:

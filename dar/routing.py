@@ -35,7 +35,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ROUTING_MODES = ("residual", "dar")
 QUERY_KINDS = ("static", "static_t", "dynamic")

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -358,9 +357,6 @@ class _PeriodicEval:
     def __init__(self, config: RunConfig, env: Distributed):
         from dar.evaluate import InDomainEvaluator
 
-        if config.data.name != "builtin":
-            raise ValueError("train.eval_every needs data.name=builtin (the in-domain evaluator's reference); "
-                             "evaluate other data with `dar sample` + `dar eval`")
         m = config.model
         self.config, self.env = config, env
         self.evaluator = InDomainEvaluator()

@@ -108,3 +108,17 @@ def test_ema_update_is_a_lerp_towards_the_model():
     update_ema(ema, model, 0.9)
     for e, b, m in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(e, 0.9 * b + 0.1 * m)
+
+
+def test_periodic_evaluation_logs_an_fd_vs_iteration_series(tmp_path):
+    config = tiny_config("train.steps=4", "train.eval_every=2", "train.eval_samples=20", "sampler.method=euler",
+                         "sampler.steps=2")
+    train(config, tmp_path, progress=False)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/fd_fmnist" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert r["eval/num_samples"] == 20 and r["eval/nfe"] == 2 and r["eval/sampler"] == "euler"
+        assert 0.0 <= r["eval/class_acc"] <= 1.0 and r["eval/fd_fmnist"] > 0
+    with pytest.raises(ValueError, match="eval_every needs data.name=builtin"):
+        tiny_config("train.eval_every=2", "data.name=idx", "data.path=/data/mnist")

@@ -13,14 +13,11 @@ once, each call then costs one classifier pass over the samples plus small matri
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import numpy as np
-import scipy
 import torch
 
-import dar
 from dar.evaluate.features import FashionMNISTFeatureExtractor, FeatureExtractor, full_fp32_precision
 from dar.evaluate.metrics import (
     class_probabilities,
@@ -31,6 +28,7 @@ from dar.evaluate.metrics import (
     precision_recall,
 )
 from dar.evaluate.reference import ReferenceStatistics, load_reference
+from dar.provenance import package_versions
 
 PR_K = 3
 """Neighbourhood size of the precision/recall manifolds (Kynkäänniemi et al. 2019; ADM)."""
@@ -39,15 +37,6 @@ KID_SUBSET_SIZE = 1000
 IS_SPLITS = 10
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of everything that can change a number."""
-    return {
-        "python": platform.python_version(),
-        "dar": dar.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-    }
 
 
 def class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

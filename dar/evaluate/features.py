@@ -17,7 +17,6 @@ its weight file, which every result records.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterator
@@ -28,18 +27,12 @@ from tqdm.auto import tqdm
 
 from dar.data import FASHION_MNIST_CLASSES
 from dar.evaluate import classifier, inception
+from dar.provenance import file_sha256
 
 EXTRACTORS: tuple[str, ...] = ("inception", "fmnist-classifier")
 """Names accepted by :func:`make_feature_extractor`."""
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB blocks (weight and sample files can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,35 @@
+"""What every recorded number carries with it: package versions and file hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of everything that can change a number."""
+    import numpy
+    import safetensors
+    import scipy
+    import torch
+
+    import dar
+
+    return {
+        "python": platform.python_version(),
+        "dar": dar.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks (weight and sample files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
