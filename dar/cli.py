@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dar.config import PRESETS, from_dict, resolve
+from dar.models.sit import ARCH_NAMES
 from dar.sampling import SamplerConfig
 
 EXAMPLES = """examples:
@@ -112,6 +113,32 @@ def _info(args) -> int:
     return 0
 
 
+def _convert_sit(args) -> int:
+    """An official SiT/DiT state dict (.pt, loaded with weights_only=True) -> a self-describing dar
+    weights file that `dar sample/info/diagnose` accept."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dar.checkpoint import FORMAT
+    from dar.models.sit import build_model, load_official_sit_state_dict
+
+    config = resolve(args.preset, [f"model.arch={args.arch}", "model.routing.mode=residual", *args.overrides])
+    try:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable/unsafe files
+        raise ValueError(f"cannot read {args.checkpoint} as a plain state dict: {error}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{args.checkpoint} holds a {type(state).__name__}, not a state dict")
+    model = build_model(config.model)
+    load_official_sit_state_dict(model, state)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out), metadata={"format": FORMAT, "step": "-1", "dar_run_config": config.to_json()})
+    print(f"wrote {out} ({config.model.arch}, residual, from {args.checkpoint})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dar", description="Diffusion-Adaptive Routing for diffusion transformers",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
@@ -150,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_info)
 
+    p = sub.add_parser("convert-sit", help="turn an official SiT/DiT checkpoint into a dar weights file",
+                       usage="dar convert-sit CHECKPOINT --arch ARCH --out FILE [options] [KEY=VALUE ...]",
+                       epilog="KEY=VALUE sets the rest of the config stored with the weights, e.g. data.path=latents/")
+    p.add_argument("checkpoint", help="e.g. SiT-XL-2-256x256.pt (a raw state dict, learn_sigma rows are dropped)")
+    p.add_argument("--arch", required=True, choices=ARCH_NAMES)
+    p.add_argument("--out", required=True, help=".safetensors file to write")
+    p.add_argument("--preset", default="imagenet256-xl-residual", choices=sorted(PRESETS),
+                   help="config the converted weights carry (data, sampler)")
+    p.set_defaults(func=_convert_sit)
+
     for register in _module_commands():
         register(sub)
     return parser
@@ -172,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
-    if overrides and args.command not in ("train", "sample"):
+    if overrides and args.command not in ("train", "sample", "convert-sit"):
         parser.error(f"`dar {args.command}` takes no KEY=VALUE overrides (got {overrides[0]})")
     from dar.checkpoint import CheckpointError
     from dar.train import TrainingDiverged

@@ -109,3 +109,24 @@ def test_truncated_and_mismatched_checkpoints_are_clear_errors(run_dir, tmp_path
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "missing")
     assert main(["info", str(truncated)]) == 2
+
+
+def test_convert_official_sit_checkpoint(tmp_path, capsys):
+    from dar.models.sit import ModelConfig, build_model
+    from dar.routing import RoutingConfig
+
+    official = build_model(ModelConfig(arch="SiT-Pico/8", learn_sigma=True, num_classes=1000,
+                                       routing=RoutingConfig(mode="residual")))
+    with torch.no_grad():
+        for p in official.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    torch.save(official.state_dict(), tmp_path / "SiT-Pico-8.pt")
+    out = tmp_path / "converted.safetensors"
+    assert main(["convert-sit", str(tmp_path / "SiT-Pico-8.pt"), "--arch", "SiT-Pico/8", "--out", str(out)]) == 0
+    model, config, step = load_model(out)
+    assert config.model.routing.mode == "residual" and not config.model.learn_sigma and step == -1
+    x, t, y = torch.randn(2, 4, 32, 32), torch.rand(2), torch.tensor([3, 999])
+    torch.testing.assert_close(model(x, t, y), official.eval()(x, t, y))
+    torch.save({"not": "weights"}, tmp_path / "bad.pt")
+    assert main(["convert-sit", str(tmp_path / "bad.pt"), "--arch", "SiT-Pico/8", "--out", str(out)]) == 2
+    assert "does not match SiT-Pico/8" in capsys.readouterr().err
