@@ -22,10 +22,16 @@ resolved config (e.g. the chunk ablation's c4 and the main comparison's static_t
 round-robin over variants, so an interrupted study still compares every variant at the same seeds.
 The same ``train.seed`` gives every variant the same data order, noise, t and initial SiT weights
 (router parameters are created last and zero-initialised).
+
+Several processes may run the same command at once (e.g. one per core with ``OMP_NUM_THREADS=1``, one
+per GPU, or one per machine on a shared file system): each claims a run with a lock file and skips
+runs another process holds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import sys
@@ -134,9 +140,37 @@ def run_experiment(path: str | Path, out: str | Path, progress: bool = True) -> 
     unique = {run_dir(out, c): (g, v, s, c) for g, v, s, c in experiment.runs()}
     todo = [(path, item) for path, item in unique.items() if not is_finished(path, item[3])]
     print(f"[dar experiment] {experiment.name}: {len(unique) - len(todo)} of {len(unique)} runs finished", flush=True)
+    busy = []
     for path, (group, variant, seed, config) in todo:
-        print(f"[dar experiment] {group.name}/{variant}/seed_{seed} -> {path}", flush=True)
-        train(config, path, progress=progress)
+        with claim(path) as claimed:
+            if not claimed:
+                busy.append(path)
+                continue
+            if is_finished(path, config):  # another worker finished it since we listed
+                continue
+            print(f"[dar experiment] {group.name}/{variant}/seed_{seed} -> {path}", flush=True)
+            train(config, path, progress=progress)
+    if busy:
+        print(f"[dar experiment] {len(busy)} run(s) are being trained by another process; "
+              "rerun when it ends to summarise them", flush=True)
+
+
+@contextlib.contextmanager
+def claim(path: Path):
+    """Exclusive, non-blocking claim of a run directory, so several `dar experiment` processes (one per
+    core, GPU or machine on a shared file system) can work through the same study. The OS drops the
+    lock when its process dies, so a killed worker never leaves a run stuck."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def eval_series(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:

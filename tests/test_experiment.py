@@ -72,3 +72,24 @@ def test_steps_to_reach_and_bootstrap():
     assert steps_to_reach(np.array([1, 2, 3]), np.array([5.0, 4.0, 3.0]), 4.0) == 2
     assert steps_to_reach(np.array([1, 2]), np.array([5.0, 4.0]), 1.0) == float("inf")
     assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
+
+
+def test_workers_skip_runs_claimed_by_another_process(tmp_path, capsys):
+    from dar.experiment import claim, is_finished, run_experiment
+
+    study = write(tmp_path)
+    experiment = load_experiment(study)
+    dirs = run_dirs(experiment, tmp_path / "out")
+    configs = {(g.name, v, s): c for g, v, s, c in experiment.runs()}
+    held = dirs["main", "dar", 1]
+    with claim(held) as claimed:
+        assert claimed
+        with claim(held) as again:  # a second claimant (another worker) is refused, not blocked
+            assert not again
+        run_experiment(study, tmp_path / "out", progress=False)
+    assert "1 run(s) are being trained by another process" in capsys.readouterr().out
+    assert not is_finished(held, configs["main", "dar", 1])
+    for key in [("main", "residual", 0), ("main", "residual", 1), ("main", "dar", 0)]:
+        assert is_finished(dirs[key], configs[key])
+    run_experiment(study, tmp_path / "out", progress=False)  # the claim is gone: the last run trains now
+    assert is_finished(held, configs["main", "dar", 1])
