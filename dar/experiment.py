@@ -223,14 +223,16 @@ def summarize(path: str | Path, out: str | Path, metric: str = "eval/fd_fmnist")
                               "final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else None}
         if group.baseline:
             for variant, row in table.items():
-                speedups = []
+                speedups, reaches = [], []
                 for seed in group.seeds:
                     b_steps, b_values = eval_series(dirs[group.name, group.baseline, seed], metric)
                     v_steps, v_values = eval_series(dirs[group.name, variant, seed], metric)
                     if len(b_values) and len(v_values):
                         reach = steps_to_reach(v_steps, v_values, b_values[-1])
+                        reaches.append(reach if np.isfinite(reach) else None)
                         speedups.append(b_steps[-1] / reach if np.isfinite(reach) else float("nan"))
                 reached = [s for s in speedups if np.isfinite(s)]
+                row["iterations_to_baseline_final"] = reaches  # None: never reached it
                 row["speedup_per_seed"] = speedups  # NaN: never reached the baseline's final value
                 row["reached_baseline"] = f"{len(reached)}/{len(speedups)}"
                 row["speedup_mean"] = float(np.mean(reached)) if reached else None
@@ -244,6 +246,8 @@ def add_experiment_parser(subparsers) -> None:
     p.add_argument("config", help="experiment TOML (see configs/)")
     p.add_argument("--out", help="study directory (default runs/experiments/NAME)")
     p.add_argument("--summary", action="store_true", help="do not train; write OUT/summary.json from finished evals")
+    p.add_argument("--report", action="store_true",
+                   help="also draw OUT/report/: metric-vs-iteration curves, sample grids, Markdown tables")
     p.add_argument("--metric", default="eval/fd_fmnist", help="metric for the summary (lower is better)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_experiment_command)
@@ -256,6 +260,11 @@ def _experiment_command(args) -> int:
         run_experiment(args.config, out, progress=not args.no_progress)
     summary = summarize(args.config, out, args.metric)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.report:
+        from dar.experiment_report import write_report
+
+        for path in write_report(experiment, out, summary):
+            print(f"wrote {path}")
     for group, table in summary["groups"].items():
         print(f"\n{group}: final {args.metric} (mean ± std over seeds)")
         for variant, row in table.items():

@@ -66,6 +66,29 @@ def test_summary_speedup_against_each_seeds_baseline(tmp_path):
     assert table["dar"]["speedup_mean"] == 1.25
     lo, hi = table["dar"]["speedup_ci95"]
     assert 1.0 <= lo <= 1.25 <= hi <= 1.5
+    assert table["dar"]["iterations_to_baseline_final"] == [200, 300]
+
+
+def test_report_draws_curves_and_tables_from_metrics(tmp_path):
+    from dar.experiment_report import write_report
+
+    path = write(tmp_path)
+    experiment = load_experiment(path)
+    dirs = run_dirs(experiment, tmp_path)
+    curves = {("residual", 0): [9, 7, 5], ("residual", 1): [10, 8, 6], ("dar", 0): [8, 5, 3], ("dar", 1): [11, 9, 7]}
+    for (variant, seed), values in curves.items():
+        d = dirs["main", variant, seed]
+        d.mkdir(parents=True)
+        lines = [json.dumps({"step": 100 * (i + 1), "eval/fd_fmnist": v, "eval/class_acc": 0.1 * i})
+                 for i, v in enumerate(values)]
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    written = write_report(experiment, tmp_path, summarize(path, tmp_path))
+    assert {p.name for p in written} >= {"curves_main.png", "curves_chunk.png", "report.md"}
+    report = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| dar |"))
+    # dar seed 1 (7) never reaches its baseline's final value (6): reported, not dropped
+    assert "200, never (1/2 seeds)" in row and "1.50x" in row
+    assert "5.00 ± 2.83" in row  # final FD mean ± std over seeds
 
 
 def test_steps_to_reach_and_bootstrap():
