@@ -116,3 +116,16 @@ def test_workers_skip_runs_claimed_by_another_process(tmp_path, capsys):
         assert is_finished(dirs[key], configs[key])
     run_experiment(study, tmp_path / "out", progress=False)  # the claim is gone: the last run trains now
     assert is_finished(held, configs["main", "dar", 1])
+
+
+@pytest.mark.parametrize("name", ["fmnist_study.toml", "fmnist_study_gpu.toml"])
+def test_shipped_study_configs_resolve(name):
+    from pathlib import Path
+
+    experiment = load_experiment(Path(__file__).parent.parent / "configs" / name)
+    runs = list(experiment.runs())
+    assert {c.train.seed for g, v, s, c in runs if g.name == "main"} == {0, 1, 2}
+    assert all(c.model.routing.chunk_size == 4 for g, v, s, c in runs if g.name == "main" and v != "residual")
+    from dar.models.sit import ARCHITECTURES
+
+    assert all(ARCHITECTURES[c.model.arch.split("/")[0]][0] >= 12 for *_, c in runs)  # residual symptoms need depth
