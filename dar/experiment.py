@@ -19,7 +19,7 @@ Every (group, variant, seed) is an ordinary run directory ``OUT/runs/<config has
 :func:`dar.train.train`, which continues from its latest checkpoint; two groups that ask for the same
 resolved config (e.g. the chunk ablation's c4 and the main comparison's static_t) share one run.
 ``OUT/index.json`` maps group/variant/seed to run directories. Runs go seed-major and
-round-robin over variants, so an interrupted study still compares every variant at the same seeds.
+round-robin over variants, every group's first seed first, so an interrupted study still compares every variant at the same seeds.
 The same ``train.seed`` gives every variant the same data order, noise, t and initial SiT weights
 (router parameters are created last and zero-initialised).
 
@@ -65,7 +65,7 @@ class Experiment:
     groups: tuple[Group, ...]
 
     def runs(self):
-        """(group, variant, seed, RunConfig) in execution order: seed-major, variants round-robin."""
+        """(group, variant, seed, RunConfig) for every group, its seeds and its variants, in file order."""
         for group in self.groups:
             for seed in group.seeds:
                 for variant, overrides in group.variants.items():
@@ -125,8 +125,6 @@ def is_finished(path: Path, config: RunConfig) -> bool:
 
 
 def run_experiment(path: str | Path, out: str | Path, progress: bool = True) -> None:
-    from dar.train import train
-
     experiment = load_experiment(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,22 +135,46 @@ def run_experiment(path: str | Path, out: str | Path, progress: bool = True) -> 
     }, indent=2))
     (out / "index.json").write_text(json.dumps(
         {f"{g}/{v}/seed_{s}": str(p.relative_to(out)) for (g, v, s), p in run_dirs(experiment, out).items()}, indent=2))
-    unique = {run_dir(out, c): (g, v, s, c) for g, v, s, c in experiment.runs()}
-    todo = [(path, item) for path, item in unique.items() if not is_finished(path, item[3])]
-    print(f"[dar experiment] {experiment.name}: {len(unique) - len(todo)} of {len(unique)} runs finished", flush=True)
-    busy = []
-    for path, (group, variant, seed, config) in todo:
+    order = execution_order(experiment, out)
+    finished = sum(is_finished(path, item[3]) for path, item in order)
+    print(f"[dar experiment] {experiment.name}: {finished} of {len(order)} runs finished", flush=True)
+    while (busy := _train_next(order, progress)) is None:
+        pass
+    if busy:
+        print(f"[dar experiment] {busy} run(s) are being trained by another process; "
+              "rerun when it ends to summarise them", flush=True)
+
+
+def execution_order(experiment: Experiment, out: Path) -> list[tuple[Path, tuple]]:
+    """Unique runs as (directory, (group, variant, seed, config)): every group's first seed before any
+    group's second, so a study cut short still has each comparison (the chunk ablation included) at
+    matching seeds. Runs two groups share keep their first place."""
+    unique = {}
+    for group, variant, seed, config in experiment.runs():
+        unique.setdefault(run_dir(out, config), (group, variant, seed, config))
+    return sorted(unique.items(), key=lambda item: item[1][0].seeds.index(item[1][2]))
+
+
+def _train_next(order, progress: bool) -> int | None:
+    """Train the first unfinished run nobody else holds and return None; when there is none, return
+    how many unfinished runs other processes hold. Rescanning after every run lets a worker pick up a
+    run that a killed worker released."""
+    from dar.train import train
+
+    busy = 0
+    for path, (group, variant, seed, config) in order:
+        if is_finished(path, config):
+            continue
         with claim(path) as claimed:
             if not claimed:
-                busy.append(path)
+                busy += 1
                 continue
-            if is_finished(path, config):  # another worker finished it since we listed
+            if is_finished(path, config):  # another worker finished it since we looked
                 continue
             print(f"[dar experiment] {group.name}/{variant}/seed_{seed} -> {path}", flush=True)
             train(config, path, progress=progress)
-    if busy:
-        print(f"[dar experiment] {len(busy)} run(s) are being trained by another process; "
-              "rerun when it ends to summarise them", flush=True)
+            return None
+    return busy
 
 
 @contextlib.contextmanager

@@ -97,6 +97,15 @@ def test_steps_to_reach_and_bootstrap():
     assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
 
 
+def test_execution_order_finishes_each_seed_across_groups_first(tmp_path):
+    from dar.experiment import execution_order
+
+    experiment = load_experiment(write(tmp_path))
+    order = [(g.name, v, s) for _, (g, v, s, _) in execution_order(experiment, tmp_path)]
+    # chunk/c4 seed 0 is main/dar seed 0 (same config): trained once, in its first place
+    assert order == [("main", "residual", 0), ("main", "dar", 0), ("main", "residual", 1), ("main", "dar", 1)]
+
+
 def test_workers_skip_runs_claimed_by_another_process(tmp_path, capsys):
     from dar.experiment import claim, is_finished, run_experiment
 
