@@ -209,9 +209,17 @@ def eval_series(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def steps_to_reach(steps: np.ndarray, values: np.ndarray, target: float) -> float:
-    """First evaluated step at which the (lower-is-better) metric is <= target; inf if never."""
+    """Iteration at which the (lower-is-better) metric first reaches ``target``, interpolated linearly
+    between the two evaluations that bracket the crossing (so the answer is not quantised to the
+    evaluation interval); inf if it never does."""
     hit = np.nonzero(values <= target)[0]
-    return float(steps[hit[0]]) if len(hit) else float("inf")
+    if not len(hit):
+        return float("inf")
+    k = hit[0]
+    if k == 0 or values[k] == target:
+        return float(steps[k])
+    fraction = (values[k - 1] - target) / (values[k - 1] - values[k])
+    return float(steps[k - 1] + fraction * (steps[k] - steps[k - 1]))
 
 
 def bootstrap_interval(samples: list[float], statistic=np.mean, rounds: int = 2000, seed: int = 0):

@@ -61,12 +61,13 @@ def test_summary_speedup_against_each_seeds_baseline(tmp_path):
     table = summarize(path, tmp_path)["groups"]["main"]
     assert table["residual"]["final_mean"] == 5.5
     assert table["dar"]["final"] == [3.0, 4.0]
-    # seed 0: reaches 5 at step 200 (300/200 = 1.5x); seed 1: reaches 6 at step 300 (1.0x)
-    assert table["dar"]["speedup_per_seed"] == [1.5, 1.0]
-    assert table["dar"]["speedup_mean"] == 1.25
+    # seed 0 hits 5 at step 200 (300/200 = 1.5x); seed 1 crosses 6 a third of the way from 7 (step
+    # 200) to 4 (step 300): 233.3 (300/233.3 = 9/7 x)
+    assert table["dar"]["iterations_to_baseline_final"] == pytest.approx([200, 700 / 3])
+    assert table["dar"]["speedup_per_seed"] == pytest.approx([1.5, 9 / 7])
+    assert table["dar"]["speedup_mean"] == pytest.approx((1.5 + 9 / 7) / 2)
     lo, hi = table["dar"]["speedup_ci95"]
-    assert 1.0 <= lo <= 1.25 <= hi <= 1.5
-    assert table["dar"]["iterations_to_baseline_final"] == [200, 300]
+    assert 9 / 7 - 1e-9 <= lo < hi <= 1.5 + 1e-9
 
 
 def test_report_draws_curves_and_tables_from_metrics(tmp_path):
@@ -93,6 +94,8 @@ def test_report_draws_curves_and_tables_from_metrics(tmp_path):
 
 def test_steps_to_reach_and_bootstrap():
     assert steps_to_reach(np.array([1, 2, 3]), np.array([5.0, 4.0, 3.0]), 4.0) == 2
+    assert steps_to_reach(np.array([10, 20, 30]), np.array([5.0, 4.0, 3.0]), 3.25) == 27.5
+    assert steps_to_reach(np.array([10, 20]), np.array([3.0, 2.0]), 4.0) == 10  # already there at the first eval
     assert steps_to_reach(np.array([1, 2]), np.array([5.0, 4.0]), 1.0) == float("inf")
     assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
 
