@@ -25,6 +25,9 @@ so a source contributes one dot product and a per-token ``1/rms(v)`` that is com
 source enters the history and shared by every aggregator that reads it. Only per-token logits are
 stacked; the weighted sum accumulates source by source, so no ``[N, B, T, D]`` tensor ever exists and
 autograd keeps nothing per aggregator beyond per-token weights (the sources themselves are shared).
+Static and static_t queries are known before any source exists, so (PyTorch backend) a source is
+dotted with the queries of every aggregator that will read it in one matmul when it enters the
+history, instead of once per reader.
 """
 
 from __future__ import annotations
@@ -100,6 +103,22 @@ def source_indices(layer: int, num_layers: int, chunk_size: int) -> list[int]:
     return [0] + summaries + list(range(chunk_start, layer))
 
 
+def reader_ranges(source_sets: Sequence[Sequence[int]]) -> dict[int, tuple[int, int]]:
+    """For every source i, the first and last layer (1-based) whose source set holds it. Chunked
+    histories make these contiguous: a summary is read by every later layer, a raw output by the
+    rest of its chunk (and the final aggregator when that chunk is the last)."""
+    layers: dict[int, list[int]] = {}
+    for layer, indices in enumerate(source_sets, start=1):
+        for i in indices:
+            layers.setdefault(i, []).append(layer)
+    ranges = {}
+    for i, read_by in layers.items():
+        if read_by != list(range(read_by[0], read_by[-1] + 1)):
+            raise ValueError(f"source {i} is read by non-contiguous layers {read_by}")
+        ranges[i] = (read_by[0], read_by[-1])
+    return ranges
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with a learnable gain; statistics in fp32 whatever the input dtype."""
 
@@ -132,6 +151,27 @@ def _token_dot(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (v * q).sum(-1)
 
 
+def _token_dots(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Per-token dot products with n queries: v [B, T, D], queries [n, D] or [B, n, D] -> [B, T, n]."""
+    queries = queries.to(v.dtype)
+    if queries.dim() == 2:
+        return v @ queries.t()
+    return torch.bmm(v, queries.transpose(1, 2))
+
+
+def mix(sources: Sequence[torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha = softmax(logits) over the K sources (fp32), h = sum_k alpha_k v_k.
+
+    sources: K tensors [B, T, D]; logits: [B, T, K] fp32. Returns (h [B, T, D], alpha [B, T, K]).
+    """
+    alpha = torch.softmax(logits, dim=-1)  # fp32 statistics
+    weights = alpha.to(sources[0].dtype).unsqueeze(-1)  # [B, T, K, 1]
+    h = sources[0] * weights[..., 0, :]
+    for k in range(1, len(sources)):
+        h.addcmul_(sources[k], weights[..., k, :])  # in place: the backward of each term needs only v_k, w_k
+    return h, alpha
+
+
 def aggregate(
     sources: Sequence[torch.Tensor],
     source_inv_rms: Sequence[torch.Tensor],
@@ -146,12 +186,7 @@ def aggregate(
     logits = torch.stack(
         [_token_dot(v, query).to(r.dtype) * r for v, r in zip(sources, source_inv_rms)], dim=-1
     )  # [B, T, K]
-    alpha = torch.softmax(logits, dim=-1)  # fp32 statistics
-    weights = alpha.to(sources[0].dtype).unsqueeze(-1)  # [B, T, K, 1]
-    h = sources[0] * weights[..., 0, :]
-    for k in range(1, len(sources)):
-        h = torch.addcmul(h, sources[k], weights[..., k, :])
-    return h, alpha
+    return mix(sources, logits)
 
 
 class DepthAggregator(nn.Module):
@@ -201,6 +236,7 @@ class DepthRouter(nn.Module):
         if config.query == "static_t" and not per_layer:
             self.time_query = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim))  # shared e(t)
         self.source_sets = [source_indices(l, num_layers, config.chunk_size) for l in range(1, num_layers + 2)]
+        self.readers = reader_ranges(self.source_sets)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -237,6 +273,12 @@ class DepthRouter(nn.Module):
     def aggregator(self, layer: int) -> DepthAggregator:
         """The aggregator that forms the input of ``layer`` (1-based; ``num_layers + 1`` = final)."""
         return self.aggregators[min(layer, len(self.aggregators)) - 1]
+
+    def query_table(self, time_query: torch.Tensor | None) -> torch.Tensor:
+        """The scaled query of every layer's aggregator, row l-1 for layer l (static and static_t only):
+        [L+1, D] or, with a time query, [B, L+1, D]."""
+        layers = range(1, self.num_layers + 2)
+        return torch.stack([self.aggregator(l).forward_query(None, time_query) for l in layers], dim=-2)
 
     def begin(self, v0: torch.Tensor, t_emb: torch.Tensor | None = None, record_weights: bool = False):
         """Start one forward pass from the embedding ``v0`` [B, T, D]."""
@@ -280,32 +322,53 @@ class RoutingStream:
         self.router = router
         self.backend = router.resolve_backend(v0.device)
         self.time_query = time_query
-        self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {0: (v0, inverse_rms(v0))}
+        self.query_table = None  # [L+1, D] or [B, L+1, D] when every query is known up front
+        if self.backend == "torch" and router.config.query != "dynamic":
+            self.query_table = router.query_table(time_query)
+        self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # i -> (v_i, 1/rms(v_i))
+        self.logits: dict[int, torch.Tensor] = {}  # i -> [B, T, n_i] logits of v_i for its n_i readers
+        self._remember(0, v0)
         self.latest = v0
         self.layer = 1
         # alpha per aggregator, [B, T, |S_l|] fp32, only when asked for (no cost otherwise)
         self.weights: list[torch.Tensor] | None = [] if record_weights else None
 
+    def _remember(self, i: int, v: torch.Tensor) -> None:
+        inv_rms = inverse_rms(v)
+        self.history[i] = (v, inv_rms)
+        if self.query_table is not None and i in self.router.readers:
+            first, last = self.router.readers[i]
+            dots = _token_dots(v, self.query_table[..., first - 1 : last, :])  # [B, T, n_i]
+            self.logits[i] = dots.to(inv_rms.dtype) * inv_rms.unsqueeze(-1)
+
     def _aggregate(self, layer: int) -> torch.Tensor:
         indices = self.router.source_sets[layer - 1]
-        aggregator = self.router.aggregator(layer)
-        query = aggregator.forward_query(self.latest, self.time_query)
         sources, inv_rms = zip(*(self.history[i] for i in indices))
+        if self.query_table is not None:
+            readers = self.router.readers
+            logits = torch.stack([self.logits[i][..., layer - readers[i][0]] for i in indices], dim=-1)
+            h, alpha = mix(sources, logits)  # logits [B, T, K]
+        else:
+            query = self.router.aggregator(layer).forward_query(self.latest, self.time_query)
+            h, alpha = self._aggregate_with_query(sources, inv_rms, query)
+        if self.weights is not None:
+            self.weights.append(alpha.detach())
+        return h
+
+    def _aggregate_with_query(self, sources, inv_rms, query):
         if self.backend == "torch":
             h, alpha = aggregate(sources, inv_rms, query)
         else:
             from dar.kernels import fused_aggregate
 
             h, alpha = fused_aggregate(sources, inv_rms, query, self.backend)
-        if self.weights is not None:
-            self.weights.append(alpha.detach())
-        return h
+        return h, alpha
 
     def next_input(self) -> torch.Tensor:
         return self._aggregate(self.layer)
 
     def push(self, v: torch.Tensor) -> None:
-        self.history[self.layer] = (v, inverse_rms(v))
+        self._remember(self.layer, v)
         self.latest = v
         self.layer += 1
         S = self.router.config.chunk_size
@@ -313,6 +376,7 @@ class RoutingStream:
             # a chunk just finished: its non-summary members are never read again
             for i in range(self.layer - S, self.layer - 1):
                 self.history.pop(i, None)
+                self.logits.pop(i, None)
 
     def final_input(self) -> torch.Tensor:
         L = self.router.num_layers

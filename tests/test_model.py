@@ -225,9 +225,20 @@ def test_bad_model_config_names_the_problem():
         ModelConfig(arch="SiT-S/8", input_size=28)
 
 
-@pytest.mark.parametrize("query", ["static_t", "dynamic"])
-def test_recompute_backend_matches_torch_backend_in_the_model(query):
-    model = randomize(build_model(tiny(routing=RoutingConfig(query=query, chunk_size=3)))).double()
+@pytest.mark.parametrize(
+    "routing",
+    [
+        RoutingConfig(query="static", chunk_size=3),
+        RoutingConfig(query="static_t", chunk_size=3),
+        RoutingConfig(query="static_t", chunk_size=1, time_query="per_layer", final="reuse_last"),
+        RoutingConfig(query="dynamic", chunk_size=3),
+    ],
+    ids=lambda r: r.describe + ("-per_layer-reuse_last" if r.final == "reuse_last" else ""),
+)
+def test_recompute_backend_matches_torch_backend_in_the_model(routing):
+    """The torch backend dots each static source with all its readers' queries at once; the recompute
+    backend forms every aggregator's logits separately. Outputs and all gradients agree."""
+    model = randomize(build_model(tiny(routing=routing))).double()
     x, t, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, dtype=torch.float64), torch.tensor([1, 2])
     grads = {}
     for backend in ("torch", "recompute"):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dar.routing import DepthRouter, RMSNorm, RoutingConfig, aggregate, inverse_rms, source_indices
+from dar.routing import DepthRouter, RMSNorm, RoutingConfig, aggregate, inverse_rms, reader_ranges, source_indices
 
 
 def naive_aggregate(sources, query, gain):
@@ -108,3 +108,15 @@ def test_final_input_before_all_sublayers_is_an_error():
     stream.push(torch.randn(1, 2, 8))
     with pytest.raises(RuntimeError, match="1 of 4"):
         stream.final_input()
+
+
+@pytest.mark.parametrize("num_layers,chunk", [(24, 4), (12, 1), (12, 5), (7, 3), (6, 6)])
+def test_every_source_is_read_by_a_contiguous_range_of_layers(num_layers, chunk):
+    sets = [source_indices(l, num_layers, chunk) for l in range(1, num_layers + 2)]
+    ranges = reader_ranges(sets)
+    assert sorted(ranges) == list(range(num_layers + 1))  # every source is read by someone
+    for i, (first, last) in ranges.items():
+        assert first == i + 1  # the next layer always reads the newest output
+        assert [l for l in range(1, num_layers + 2) if i in sets[l - 1]] == list(range(first, last + 1))
+    with pytest.raises(ValueError, match="source 0 is read by non-contiguous layers"):
+        reader_ranges([[0], [1], [0, 2]])
