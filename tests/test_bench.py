@@ -1,0 +1,55 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dar.bench import run_bench, to_markdown
+from dar.models.sit import ModelConfig, build_model
+from dar.routing import RoutingConfig
+
+ROOT = Path(__file__).parent.parent
+
+
+def load_reference_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_reference", ROOT / "benchmarks" / "bench_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_reference_sit_of_the_benchmark_computes_our_residual_model(learn_sigma):
+    """The baseline-speed benchmark is only meaningful if both models compute the same function."""
+    bench = load_reference_benchmark()
+    torch.manual_seed(0)
+    ours = build_model(ModelConfig(arch="SiT-Pico/8", input_size=32, in_channels=3, num_classes=10,
+                                   learn_sigma=learn_sigma, routing=RoutingConfig(mode="residual")))
+    for name, p in ours.named_parameters():
+        if name != "pos_embed":
+            p.data.normal_(0, 0.2)
+    reference = bench.ReferenceSiT(ours)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 10])
+    torch.testing.assert_close(reference(x, t, y), ours(x, t, y), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_reports_ratios_to_the_residual_model(tmp_path):
+    report = run_bench("cpu", ["static-c4"], "cpu", "fp32", repeats=1, warmup=0, sample_steps=1, compile_models=False)
+    results = report["results"]
+    assert list(results) == ["residual", "static-c4"]  # the baseline is always measured
+    assert results["residual"]["train_step_ratio"] == 1.0
+    assert results["static-c4"]["parameters"] > results["residual"]["parameters"]
+    assert results["static-c4"]["flops_ratio"] >= 1.0
+    assert results["static-c4"]["memory_bytes"] > 0
+    table = to_markdown(report)
+    assert "| static-c4 |" in table and "| residual |" in table
+    json.dumps(report)  # every field is serialisable
+
+
+def test_bench_rejects_unknown_variants_and_presets():
+    with pytest.raises(ValueError, match="unknown variant 'static-c3'"):
+        run_bench("cpu", ["static-c3"], "cpu", "fp32", 1, 0, 1, False)
+    with pytest.raises(ValueError, match="unknown bench preset 'tiny'"):
+        run_bench("tiny", ["static-c4"], "cpu", "fp32", 1, 0, 1, False)
