@@ -18,7 +18,6 @@ import json
 import math
 import platform
 import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dar.bench import BENCH_PRESETS
+from dar.bench import BENCH_PRESETS, seconds
 from dar.models.sit import build_model, sincos_pos_embed_2d
 from dar.routing import RoutingConfig
 from dar.transport import Transport
@@ -178,22 +177,13 @@ def main(argv=None) -> int:
 
         runs[name] = {"train": train_step, "forward": forward, "train_s": [], "forward_s": []}
 
-    def timed(fn):
-        if cuda:
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - start
-
     for _ in range(args.warmup):
         for run in runs.values():
             run["train"](), run["forward"]()
     for _ in range(args.repeats):
         for kind in ("train", "forward"):
             for run in runs.values():
-                run[f"{kind}_s"].append(timed(run[kind]))
+                run[f"{kind}_s"].append(seconds(run[kind], dev))
 
     results = {name: {"train_step_s": statistics.median(r["train_s"]), "forward_s": statistics.median(r["forward_s"])}
                for name, r in runs.items()}

@@ -65,6 +65,17 @@ def saved_activation_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of ``fn()``, with the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def flops_per_step(model, inputs) -> int | None:
     try:
         from torch.utils.flop_counter import FlopCounterMode
@@ -125,24 +136,15 @@ def run_bench(preset: str, variants: list[str], device: str, precision: str, rep
 
         runs[name] = {"model": model, "train": train_step, "sample": sample_step, "train_s": [], "sample_s": []}
 
-    def timed(fn):
-        if cuda:
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - start
-
     for _ in range(warmup):
         for run in runs.values():
             run["train"]()
             run["sample"]()
     for _ in range(repeats):  # round-robin: every variant sees the same machine state
         for run in runs.values():
-            run["train_s"].append(timed(run["train"]))
+            run["train_s"].append(seconds(run["train"], dev))
         for run in runs.values():
-            run["sample_s"].append(timed(run["sample"]))
+            run["sample_s"].append(seconds(run["sample"], dev))
 
     results = {}
     for name, run in runs.items():
