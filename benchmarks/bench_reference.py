@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dar.bench import BENCH_PRESETS, seconds
+from dar.bench import BENCH_PRESETS, device_name, seconds
 from dar.models.sit import build_model, sincos_pos_embed_2d
 from dar.routing import RoutingConfig
 from dar.transport import Transport
@@ -138,7 +137,6 @@ def main(argv=None) -> int:
 
     spec = BENCH_PRESETS[args.preset]
     dev = torch.device(args.device)
-    cuda = dev.type == "cuda"
     torch.manual_seed(0)
     ours = build_model(replace(spec.model, routing=RoutingConfig(mode="residual"))).to(dev)
     for name, p in ours.named_parameters():  # leave the zero init so every path does real work
@@ -193,7 +191,7 @@ def main(argv=None) -> int:
         r["forward_ratio"] = r["forward_s"] / ref["forward_s"]
     report = {
         "preset": args.preset, "arch": m.arch, "batch": spec.batch, "precision": args.precision,
-        "device": args.device, "device_name": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
+        "device": args.device, "device_name": device_name(dev),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "reference_parts": timm_parts()[0],
         "max_abs_difference": difference, "repeats": args.repeats, "warmup": args.warmup, "results": results,
     }

@@ -65,6 +65,19 @@ def saved_activation_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name where the OS tells it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def seconds(fn, device: torch.device) -> float:
     """Wall time of ``fn()``, with the device's queue drained before and after."""
     if device.type == "cuda":
@@ -176,10 +189,9 @@ def run_bench(preset: str, variants: list[str], device: str, precision: str, rep
         r["params_ratio"] = r["parameters"] / base["parameters"]
         if r["train_flops"] and base["train_flops"]:
             r["flops_ratio"] = r["train_flops"] / base["train_flops"]
-    device_name = torch.cuda.get_device_name(dev) if cuda else (platform.processor() or platform.machine())
     return {
         "preset": preset, "arch": m.arch, "batch": spec.batch, "sample_batch": spec.sample_batch,
-        "sample_sampler": f"euler-{sample_steps}", "device": device, "device_name": device_name,
+        "sample_sampler": f"euler-{sample_steps}", "device": device, "device_name": device_name(dev),
         "threads": torch.get_num_threads(), "precision": precision, "compile": compile_models,
         "routing_backend": backend,
         "repeats": repeats, "warmup": warmup, "torch": torch.__version__, "results": results,

@@ -103,6 +103,11 @@ def source_indices(layer: int, num_layers: int, chunk_size: int) -> list[int]:
     return [0] + summaries + list(range(chunk_start, layer))
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
 def reader_ranges(source_sets: Sequence[Sequence[int]]) -> dict[int, tuple[int, int]]:
     """For every source i, the first and last layer (1-based) whose source set holds it. Chunked
     histories make these contiguous: a summary is read by every later layer, a raw output by the
@@ -322,8 +327,11 @@ class RoutingStream:
         self.router = router
         self.backend = router.resolve_backend(v0.device)
         self.time_query = time_query
-        self.query_table = None  # [L+1, D] or [B, L+1, D] when every query is known up front
-        if self.backend == "torch" and router.config.query != "dynamic":
+        # Eager PyTorch: dot every source once with all its readers' queries ([L+1, D] or [B, L+1, D]
+        # table). Under torch.compile the per-aggregator form fuses better (SiT-Nano/4 sampling on CPU: 1.03x
+        # vs 1.09x of residual), so compiled graphs keep it.
+        self.query_table = None
+        if self.backend == "torch" and router.config.query != "dynamic" and not _compiling():
             self.query_table = router.query_table(time_query)
         self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # i -> (v_i, 1/rms(v_i))
         self.logits: dict[int, torch.Tensor] = {}  # i -> [B, T, n_i] logits of v_i for its n_i readers

@@ -252,3 +252,13 @@ def test_recompute_backend_matches_torch_backend_in_the_model(routing):
         torch.testing.assert_close(grads["recompute"][1][n], g, rtol=1e-6, atol=1e-6 * g.abs().max().item())
     with pytest.raises(ValueError, match="routing backend 'cuda'"):
         model.router.set_backend("cuda")
+
+
+def test_compiled_model_matches_eager():
+    """torch.compile takes the per-aggregator routing path (the eager one precomputes logits per
+    source); both are the same function."""
+    model = randomize(build_model(tiny(routing=RoutingConfig(query="static", chunk_size=3))))
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
+    eager = model(x, t, y)
+    compiled = torch.compile(model)(x, t, y)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
