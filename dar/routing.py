@@ -231,6 +231,9 @@ class DepthRouter(nn.Module):
         self.num_layers = num_layers
         self.config = config
         self.backend = "auto"  # how aggregate() runs; not part of the model (see set_backend)
+        # eager torch backend, static/static_t: dot each source with all its readers' queries at once
+        # (False: once per reader, as compiled graphs do; benchmarks/bench_routing_paths.py compares)
+        self.precompute_logits = True
         if config.mode == "residual":
             return
         num_aggregators = num_layers + (1 if config.final == "dedicated" else 0)
@@ -331,7 +334,8 @@ class RoutingStream:
         # table). Under torch.compile the per-aggregator form fuses better (SiT-Nano/4 sampling on CPU: 1.03x
         # vs 1.09x of residual), so compiled graphs keep it.
         self.query_table = None
-        if self.backend == "torch" and router.config.query != "dynamic" and not _compiling():
+        static_queries = router.config.query != "dynamic"
+        if self.backend == "torch" and static_queries and router.precompute_logits and not _compiling():
             self.query_table = router.query_table(time_query)
         self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # i -> (v_i, 1/rms(v_i))
         self.logits: dict[int, torch.Tensor] = {}  # i -> [B, T, n_i] logits of v_i for its n_i readers

@@ -262,3 +262,19 @@ def test_compiled_model_matches_eager():
     eager = model(x, t, y)
     compiled = torch.compile(model)(x, t, y)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
+
+
+@pytest.mark.parametrize("query", ["static", "static_t"])
+def test_logits_per_source_equal_logits_per_aggregator(query):
+    model = randomize(build_model(tiny(routing=RoutingConfig(query=query, chunk_size=3)))).double()
+    x, t, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, dtype=torch.float64), torch.tensor([1, 2])
+    results = []
+    for precompute in (True, False):
+        model.zero_grad()
+        model.router.precompute_logits = precompute
+        out = model(x, t, y)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for n, g in results[1][1].items():
+        torch.testing.assert_close(results[0][1][n], g, rtol=1e-9, atol=1e-12)
