@@ -3,10 +3,11 @@
 Per source (default in eager mode): when a source enters the history it is dotted with the queries
 of every aggregator that will read it, in one matmul. Per aggregator (what compiled graphs use):
 each aggregator dots its own query with each of its sources. Both compute the same function
-(tests/test_model.py); this measures training steps and sampling forwards of both against residual.
+(tests/test_model.py); this measures eager training steps and sampling forwards of both against
+residual. (Compiled graphs always use the per-aggregator form, so there is nothing to compare there.)
 
     python benchmarks/bench_routing_paths.py
-    python benchmarks/bench_routing_paths.py --compile --variants static-c4
+    python benchmarks/bench_routing_paths.py --variants static-c4 --rounds 20
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS or VARIANTS[v].mode == "residual" or VARIANTS[v].query == "dynamic"]
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         for p in model.parameters():
             p.data.add_(torch.randn_like(p) * 0.02)
         model.router.precompute_logits = precompute
-        models[name, precompute] = torch.compile(model) if args.compile else model
+        models[name, precompute] = model
 
     def train(model):
         transport.loss(model, x1, y, x0, t).mean().backward()
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                     times[case, kind].append(elapsed)
 
     print(f"**{m.arch}** ({args.preset}), {device_name(dev)} ({args.device}, {torch.get_num_threads()} threads), "
-          f"compile={args.compile}, torch {torch.__version__}, median of {args.rounds} after {args.warmup} warm-up\n")
+          f"eager, torch {torch.__version__}, median of {args.rounds} after {args.warmup} warm-up\n")
     print("| variant | logits | train step (s) | / residual | forward (s) | / residual |")
     print("|---|---|---|---|---|---|")
     base = {kind: statistics.median(times[cases[0], kind]) for kind in ("train", "forward")}
