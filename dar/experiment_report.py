@@ -137,6 +137,7 @@ def write_report(experiment: Experiment, out: str | Path, summary: dict) -> list
         f"# {experiment.name}\n\nMetric: `{summary['metric']}` (lower is better). Speedup = the baseline's last "
         "evaluated iteration / the iteration at which the variant first reaches the baseline's final "
         "value (linear interpolation between the two evaluations around the crossing), per seed against "
-        "the same seed's baseline; the interval is a percentile bootstrap over seeds that reached it.\n\n" + markdown_tables(experiment, out, summary))
+        "the same seed's baseline; the interval is a percentile bootstrap over seeds that reached it.\n\n"
+        + markdown_tables(experiment, out, summary))
     written.append(report / "report.md")
     return written

@@ -331,8 +331,8 @@ class RoutingStream:
         self.backend = router.resolve_backend(v0.device)
         self.time_query = time_query
         # Eager PyTorch: dot every source once with all its readers' queries ([L+1, D] or [B, L+1, D]
-        # table). Under torch.compile the per-aggregator form fuses better (SiT-Nano/4 sampling on CPU: 1.03x
-        # vs 1.09x of residual), so compiled graphs keep it.
+        # table). Compiled graphs keep the per-aggregator form, which Inductor fuses per aggregator
+        # (docs/PERFORMANCE.md has the measurements and their noise).
         self.query_table = None
         static_queries = router.config.query != "dynamic"
         if self.backend == "torch" and static_queries and router.precompute_logits and not _compiling():
@@ -348,7 +348,7 @@ class RoutingStream:
     def _remember(self, i: int, v: torch.Tensor) -> None:
         inv_rms = inverse_rms(v)
         self.history[i] = (v, inv_rms)
-        if self.query_table is not None and i in self.router.readers:
+        if self.query_table is not None:  # every source has readers (reader_ranges)
             first, last = self.router.readers[i]
             dots = _token_dots(v, self.query_table[..., first - 1 : last, :])  # [B, T, n_i]
             self.logits[i] = dots.to(inv_rms.dtype) * inv_rms.unsqueeze(-1)

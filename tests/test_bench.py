@@ -35,7 +35,7 @@ def test_reference_sit_of_the_benchmark_computes_our_residual_model(learn_sigma)
     torch.testing.assert_close(reference(x, t, y), ours(x, t, y), rtol=1e-5, atol=1e-5)
 
 
-def test_bench_reports_ratios_to_the_residual_model(tmp_path):
+def test_bench_reports_ratios_to_the_residual_model():
     report = run_bench("cpu", ["static-c4"], "cpu", "fp32", repeats=1, warmup=0, sample_steps=1, compile_models=False)
     results = report["results"]
     assert list(results) == ["residual", "static-c4"]  # the baseline is always measured
