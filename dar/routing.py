@@ -38,6 +38,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 ROUTING_MODES = ("residual", "dar")
 QUERY_KINDS = ("static", "static_t", "dynamic")
@@ -164,17 +165,60 @@ def _token_dots(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return torch.bmm(v, queries.transpose(1, 2))
 
 
-def mix(sources: Sequence[torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha = softmax(logits) over the K sources (fp32), h = sum_k alpha_k v_k.
+class _Mix(torch.autograd.Function):
+    """``h = sum_k softmax_k(z)_k v_k`` as one autograd node (see :func:`mix`).
 
-    sources: K tensors [B, T, D]; logits: [B, T, K] fp32. Returns (h [B, T, D], alpha [B, T, K]).
+    Recorded op by op, a K-source mix leaves about 4K autograd nodes whose backward materialises
+    ``dL/dh * v_k`` before reducing it and a zero-filled copy per selected weight; here backward is
+    K fused multiply-reductions for the weights, K scalings for the sources and one softmax backward.
+    Logits are laid out [B, K, T]: PyTorch's CPU softmax over a short *last* dimension is about 10x
+    slower than over a middle one whose inner (token) dimension is contiguous.
     """
-    alpha = torch.softmax(logits, dim=-1)  # fp32 statistics
-    weights = alpha.to(sources[0].dtype).unsqueeze(-1)  # [B, T, K, 1]
-    h = sources[0] * weights[..., 0, :]
-    for k in range(1, len(sources)):
-        h.addcmul_(sources[k], weights[..., k, :])  # in place: the backward of each term needs only v_k, w_k
-    return h, alpha
+
+    @staticmethod
+    def forward(ctx, num_sources: int, *logits_and_sources: torch.Tensor):
+        logits, sources = logits_and_sources[:num_sources], logits_and_sources[num_sources:]
+        alpha = torch.softmax(torch.stack(logits, dim=1), dim=1)  # [B, K, T], fp32 statistics
+        weights = alpha.to(sources[0].dtype).unsqueeze(-1)  # [B, K, T, 1]
+        h = sources[0] * weights[:, 0]
+        for k in range(1, num_sources):
+            h.addcmul_(sources[k], weights[:, k])
+        ctx.save_for_backward(alpha, *sources)
+        return h, alpha
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h: torch.Tensor, grad_alpha_out: torch.Tensor | None):
+        alpha, *sources = ctx.saved_tensors
+        weights = alpha.to(grad_h.dtype).unsqueeze(-1)  # [B, K, T, 1]
+        num_sources = len(sources)
+        # dL/dalpha_k = <dL/dh, v_k> per token, then the softmax backward over k
+        grad_alpha = torch.stack([(grad_h * v).sum(-1) for v in sources], dim=1).to(alpha.dtype)  # [B, K, T]
+        if grad_alpha_out is not None:  # alpha itself was used (diagnostics, tests)
+            grad_alpha = grad_alpha + grad_alpha_out
+        grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(1, keepdim=True))
+        needs_logits = ctx.needs_input_grad[1 : 1 + num_sources]
+        needs_sources = ctx.needs_input_grad[1 + num_sources :]
+        grad_logit_list = [grad_logits[:, k] if needs_logits[k] else None for k in range(num_sources)]
+        grad_sources = [grad_h * weights[:, k] if needs_sources[k] else None for k in range(num_sources)]
+        return (None, *grad_logit_list, *grad_sources)
+
+
+def mix(sources: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha = softmax over the K sources of their logits (fp32), h = sum_k alpha_k v_k.
+
+    sources: K tensors [B, T, D]; logits: K tensors [B, T] fp32, one per source.
+    Returns (h [B, T, D] in the sources' dtype, alpha [B, T, K] fp32, a view).
+    """
+    if len(logits) != len(sources):
+        raise ValueError(f"{len(sources)} sources but {len(logits)} logits")
+    if _compiling():  # Inductor fuses the recorded ops and derives their backward itself
+        alpha = torch.softmax(torch.stack(logits, dim=1), dim=1)  # [B, K, T]
+        weights = alpha.to(sources[0].dtype).unsqueeze(-1)
+        h = sum(v * weights[:, k] for k, v in enumerate(sources))
+    else:
+        h, alpha = _Mix.apply(len(sources), *logits, *sources)
+    return h, alpha.transpose(1, 2)
 
 
 def aggregate(
@@ -188,9 +232,7 @@ def aggregate(
     query: already multiplied by the RMSNorm gain and 1/sqrt(D); [D], [B, D] or [B, T, D].
     Returns (h [B, T, D] in the sources' dtype, alpha [B, T, K] fp32).
     """
-    logits = torch.stack(
-        [_token_dot(v, query).to(r.dtype) * r for v, r in zip(sources, source_inv_rms)], dim=-1
-    )  # [B, T, K]
+    logits = [_token_dot(v, query).to(r.dtype) * r for v, r in zip(sources, source_inv_rms)]  # K x [B, T]
     return mix(sources, logits)
 
 
@@ -338,7 +380,7 @@ class RoutingStream:
         if self.backend == "torch" and static_queries and router.precompute_logits and not _compiling():
             self.query_table = router.query_table(time_query)
         self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # i -> (v_i, 1/rms(v_i))
-        self.logits: dict[int, torch.Tensor] = {}  # i -> [B, T, n_i] logits of v_i for its n_i readers
+        self.logits: dict[int, tuple[torch.Tensor, ...]] = {}  # i -> n_i logits [B, T] of v_i, one per reader
         self._remember(0, v0)
         self.latest = v0
         self.layer = 1
@@ -351,15 +393,14 @@ class RoutingStream:
         if self.query_table is not None:  # every source has readers (reader_ranges)
             first, last = self.router.readers[i]
             dots = _token_dots(v, self.query_table[..., first - 1 : last, :])  # [B, T, n_i]
-            self.logits[i] = dots.to(inv_rms.dtype) * inv_rms.unsqueeze(-1)
+            self.logits[i] = (dots.to(inv_rms.dtype) * inv_rms.unsqueeze(-1)).unbind(-1)
 
     def _aggregate(self, layer: int) -> torch.Tensor:
         indices = self.router.source_sets[layer - 1]
         sources, inv_rms = zip(*(self.history[i] for i in indices))
         if self.query_table is not None:
             readers = self.router.readers
-            logits = torch.stack([self.logits[i][..., layer - readers[i][0]] for i in indices], dim=-1)
-            h, alpha = mix(sources, logits)  # logits [B, T, K]
+            h, alpha = mix(sources, [self.logits[i][layer - readers[i][0]] for i in indices])
         else:
             query = self.router.aggregator(layer).forward_query(self.latest, self.time_query)
             h, alpha = self._aggregate_with_query(sources, inv_rms, query)

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from dar.routing import DepthRouter, RMSNorm, RoutingConfig, aggregate, inverse_rms, reader_ranges, source_indices
+from dar.routing import (
+    DepthRouter, RMSNorm, RoutingConfig, aggregate, inverse_rms, mix, reader_ranges, source_indices,
+)
 
 
 def naive_aggregate(sources, query, gain):
@@ -37,6 +39,24 @@ def test_aggregate_gradcheck_float64(query_shape):
     inv = [torch.rand(2, 3, dtype=torch.float64, requires_grad=True) + 0.5 for _ in range(3)]
     q = torch.randn(query_shape, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: aggregate(a[:3], a[3:6], a[6])[0], (*sources, *inv, q))
+
+
+@pytest.mark.parametrize("num_sources", [1, 2, 5])
+def test_mix_gradcheck_through_h_and_alpha(num_sources):
+    """The hand-written backward of mix (one autograd node per aggregator), upstream gradients on both
+    outputs, K = 1 included (its single weight is exactly 1, its logit gradient exactly 0)."""
+    sources = [torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(num_sources)]
+    logits = [torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(num_sources)]
+    K = num_sources
+    assert torch.autograd.gradcheck(lambda *a: mix(a[K:], a[:K]), (*logits, *sources))
+    h, alpha = mix(sources, logits)
+    torch.testing.assert_close(alpha, torch.softmax(torch.stack(logits, -1), -1))
+    torch.testing.assert_close(h, sum(alpha[..., k, None] * v for k, v in enumerate(sources)))
+
+
+def test_mix_rejects_mismatched_lists():
+    with pytest.raises(ValueError, match="3 sources but 2 logits"):
+        mix([torch.randn(1, 2, 4)] * 3, [torch.randn(1, 2)] * 2)
 
 
 def test_softmax_statistics_are_fp32_for_bf16_sources():
