@@ -165,6 +165,16 @@ def _token_dots(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return torch.bmm(v, queries.transpose(1, 2))
 
 
+def _mix_forward(sources, logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h [B, T, D], alpha [B, K, T] fp32) from K sources [B, T, D] and K logits [B, T]."""
+    alpha = torch.softmax(torch.stack(logits, dim=1), dim=1)  # [B, K, T], fp32 statistics
+    weights = alpha.to(sources[0].dtype).unsqueeze(-1)  # [B, K, T, 1]
+    h = sources[0] * weights[:, 0]
+    for k in range(1, len(sources)):
+        h.addcmul_(sources[k], weights[:, k])
+    return h, alpha
+
+
 class _Mix(torch.autograd.Function):
     """``h = sum_k softmax_k(z)_k v_k`` as one autograd node (see :func:`mix`).
 
@@ -178,11 +188,7 @@ class _Mix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, num_sources: int, *logits_and_sources: torch.Tensor):
         logits, sources = logits_and_sources[:num_sources], logits_and_sources[num_sources:]
-        alpha = torch.softmax(torch.stack(logits, dim=1), dim=1)  # [B, K, T], fp32 statistics
-        weights = alpha.to(sources[0].dtype).unsqueeze(-1)  # [B, K, T, 1]
-        h = sources[0] * weights[:, 0]
-        for k in range(1, num_sources):
-            h.addcmul_(sources[k], weights[:, k])
+        h, alpha = _mix_forward(sources, logits)
         ctx.save_for_backward(alpha, *sources)
         return h, alpha
 
@@ -213,9 +219,7 @@ def mix(sources: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]) -> tupl
     if len(logits) != len(sources):
         raise ValueError(f"{len(sources)} sources but {len(logits)} logits")
     if _compiling():  # Inductor fuses the recorded ops and derives their backward itself
-        alpha = torch.softmax(torch.stack(logits, dim=1), dim=1)  # [B, K, T]
-        weights = alpha.to(sources[0].dtype).unsqueeze(-1)
-        h = sum(v * weights[:, k] for k, v in enumerate(sources))
+        h, alpha = _mix_forward(sources, logits)
     else:
         h, alpha = _Mix.apply(len(sources), *logits, *sources)
     return h, alpha.transpose(1, 2)
