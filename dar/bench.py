@@ -65,6 +65,28 @@ def saved_activation_bytes(fn) -> int:
     return sum(seen.values())
 
 
+# Dense bf16 tensor-core peak (TFLOP/s) from the vendors' data sheets, matched against the device's
+# name in order (more specific names first); MFU = model FLOPs per step / step time / this peak.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("RTX 4090", 165.2),
+)
+
+
+def peak_bf16_tflops(name: str) -> float | None:
+    """The data-sheet dense bf16 peak of a GPU named ``name``, or None when it is not in the table."""
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops
+    return None
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name where the OS tells it."""
     if device.type == "cuda":
@@ -102,15 +124,22 @@ def flops_per_step(model, inputs) -> int | None:
 
 
 def run_bench(preset: str, variants: list[str], device: str, precision: str, repeats: int, warmup: int,
-              sample_steps: int, compile_models: bool, backend: str = "auto", seed: int = 0) -> dict:
+              sample_steps: int, compile_models: bool, backend: str = "auto", seed: int = 0,
+              batch: int | None = None, sample_batch: int | None = None, peak_tflops: float | None = None) -> dict:
+    """Time every variant round-robin; ``batch``/``sample_batch`` override the preset's, ``peak_tflops``
+    the device's peak used for MFU (by default looked up for known GPUs in bf16, none otherwise)."""
     if preset not in BENCH_PRESETS:
         raise ValueError(f"unknown bench preset {preset!r}; choose one of {', '.join(BENCH_PRESETS)}")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    for name, value in (("batch", batch), ("sample_batch", sample_batch), ("peak_tflops", peak_tflops)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
     if "residual" not in variants:
         variants = ["residual", *variants]
     spec = BENCH_PRESETS[preset]
+    spec = replace(spec, batch=batch or spec.batch, sample_batch=sample_batch or spec.sample_batch)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -159,6 +188,9 @@ def run_bench(preset: str, variants: list[str], device: str, precision: str, rep
         for run in runs.values():
             run["sample_s"].append(seconds(run["sample"], dev))
 
+    name_of_device = device_name(dev)
+    if peak_tflops is None and cuda and precision == "bf16":
+        peak_tflops = peak_bf16_tflops(name_of_device)
     results = {}
     for name, run in runs.items():
         model = run["model"]
@@ -181,6 +213,8 @@ def run_bench(preset: str, variants: list[str], device: str, precision: str, rep
             "memory_kind": memory_kind,
             "train_flops": flops_per_step(model, (x1, y, x0, t)),
         }
+        if peak_tflops and results[name]["train_flops"]:
+            results[name]["mfu"] = results[name]["train_flops"] / train_s / (peak_tflops * 1e12)
     base = results["residual"]
     for r in results.values():
         r["train_step_ratio"] = r["train_step_s"] / base["train_step_s"]
@@ -191,7 +225,8 @@ def run_bench(preset: str, variants: list[str], device: str, precision: str, rep
             r["flops_ratio"] = r["train_flops"] / base["train_flops"]
     return {
         "preset": preset, "arch": m.arch, "batch": spec.batch, "sample_batch": spec.sample_batch,
-        "sample_sampler": f"euler-{sample_steps}", "device": device, "device_name": device_name(dev),
+        "sample_sampler": f"euler-{sample_steps}", "device": device, "device_name": name_of_device,
+        "peak_tflops": peak_tflops,
         "threads": torch.get_num_threads(), "precision": precision, "compile": compile_models,
         "routing_backend": backend,
         "repeats": repeats, "warmup": warmup, "torch": torch.__version__, "results": results,
@@ -205,19 +240,25 @@ def to_markdown(report: dict) -> str:
         f"routing backend {report['routing_backend']}, "
         f"median of {report['repeats']} after {report['warmup']} warm-up, torch {report['torch']}",
         "",
-        "| variant | params | step (s) | step / res | memory / res | sampling time / res | FLOPs / res |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | params | step (s) | step / res | memory / res | sampling time / res | FLOPs / res "
+        "| train img/s | sample img/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["results"].items():
+        mfu = f"{100 * r['mfu']:.1f} %" if "mfu" in r else "-"
         lines.append(
             f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['train_step_s']:.4f} | {r['train_step_ratio']:.3f}x | "
             f"{r['memory_ratio']:.3f}x | {r['sample_time_ratio']:.3f}x | "
-            f"{r.get('flops_ratio', float('nan')):.3f}x |"
+            f"{r.get('flops_ratio', float('nan')):.3f}x | {r['train_images_per_s']:.1f} | "
+            f"{r['sample_images_per_s']:.1f} | {mfu} |"
         )
     memory_kind = next(iter(report["results"].values()))["memory_kind"]
     lines.append("")
     lines.append(f"memory = {memory_kind.replace('_', ' ')}; sampling = {report['sample_sampler']}, "
                  f"batch {report['sample_batch']}")
+    if report.get("peak_tflops"):
+        lines.append(f"MFU = training FLOPs per step (fwd + bwd, counted) / step time / "
+                     f"{report['peak_tflops']:g} TFLOP/s peak")
     return "\n".join(lines)
 
 
@@ -233,13 +274,18 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile every model first")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "recompute", "triton"],
                    help="DAR aggregation implementation")
+    p.add_argument("--batch", type=int, help="training batch (default: the preset's)")
+    p.add_argument("--sample-batch", type=int, help="sampling batch (default: the preset's)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="device peak for MFU (default: data-sheet bf16 peak of known GPUs when --precision bf16)")
     p.add_argument("--json", help="also write the full report here")
     p.set_defaults(func=_bench_command)
 
 
 def _bench_command(args) -> int:
     report = run_bench(args.preset, [v for v in args.variants.split(",") if v], args.device, args.precision,
-                       args.repeats, args.warmup, args.sample_steps, args.compile, args.backend)
+                       args.repeats, args.warmup, args.sample_steps, args.compile, args.backend,
+                       batch=args.batch, sample_batch=args.sample_batch, peak_tflops=args.peak_tflops)
     print(to_markdown(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -166,13 +166,14 @@ def _token_dots(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_forward(sources, logits) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h [B, T, D], alpha [B, K, T] fp32) from K sources [B, T, D] and K logits [B, T]."""
+    """(h [B, T, D], alpha [B, K, T] fp32) from K sources [B, T, D] and K logits [B, T]. The sum
+    accumulates in fp32 (or wider) and is rounded to the sources' dtype once, as the kernels do."""
     alpha = torch.softmax(torch.stack(logits, dim=1), dim=1)  # [B, K, T], fp32 statistics
-    weights = alpha.to(sources[0].dtype).unsqueeze(-1)  # [B, K, T, 1]
-    h = sources[0] * weights[:, 0]
+    weights = alpha.unsqueeze(-1)  # [B, K, T, 1]
+    h = sources[0] * weights[:, 0]  # promoted to fp32 for bf16/fp16 sources
     for k in range(1, len(sources)):
         h.addcmul_(sources[k], weights[:, k])
-    return h, alpha
+    return h.to(sources[0].dtype), alpha
 
 
 class _Mix(torch.autograd.Function):
@@ -199,7 +200,7 @@ class _Mix(torch.autograd.Function):
         weights = alpha.to(grad_h.dtype).unsqueeze(-1)  # [B, K, T, 1]
         num_sources = len(sources)
         # dL/dalpha_k = <dL/dh, v_k> per token, then the softmax backward over k
-        grad_alpha = torch.stack([(grad_h * v).sum(-1) for v in sources], dim=1).to(alpha.dtype)  # [B, K, T]
+        grad_alpha = torch.stack([torch.sum(grad_h * v, -1, dtype=alpha.dtype) for v in sources], dim=1)  # [B, K, T]
         if grad_alpha_out is not None:  # alpha itself was used (diagnostics, tests)
             grad_alpha = grad_alpha + grad_alpha_out
         grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(1, keepdim=True))
@@ -383,6 +384,12 @@ class RoutingStream:
         static_queries = router.config.query != "dynamic"
         if self.backend == "torch" and static_queries and router.precompute_logits and not _compiling():
             self.query_table = router.query_table(time_query)
+        # One dtype for the whole history, so that every backend can read it as one array of sources.
+        # Under autocast that is the autocast dtype: sublayer outputs come out in it, while v_0
+        # (embedding + fp32 position table) would otherwise stay fp32.
+        device_type = v0.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        self.dtype = torch.get_autocast_dtype(device_type) if autocast else v0.dtype
         self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # i -> (v_i, 1/rms(v_i))
         self.logits: dict[int, tuple[torch.Tensor, ...]] = {}  # i -> n_i logits [B, T] of v_i, one per reader
         self._remember(0, v0)
@@ -392,6 +399,7 @@ class RoutingStream:
         self.weights: list[torch.Tensor] | None = [] if record_weights else None
 
     def _remember(self, i: int, v: torch.Tensor) -> None:
+        v = v.to(self.dtype)
         inv_rms = inverse_rms(v)
         self.history[i] = (v, inv_rms)
         if self.query_table is not None:  # every source has readers (reader_ranges)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dar.bench import run_bench, to_markdown
+from dar.bench import peak_bf16_tflops, run_bench, to_markdown
 from dar.models.sit import ModelConfig, build_model
 from dar.routing import RoutingConfig
 
@@ -53,3 +53,31 @@ def test_bench_rejects_unknown_variants_and_presets():
         run_bench("cpu", ["static-c3"], "cpu", "fp32", 1, 0, 1, False)
     with pytest.raises(ValueError, match="unknown bench preset 'tiny'"):
         run_bench("tiny", ["static-c4"], "cpu", "fp32", 1, 0, 1, False)
+
+
+def test_bench_batch_override_and_mfu_from_a_given_peak():
+    report = run_bench("cpu", ["static-c4"], "cpu", "fp32", repeats=1, warmup=0, sample_steps=1,
+                       compile_models=False, batch=4, sample_batch=3, peak_tflops=0.5)
+    assert (report["batch"], report["sample_batch"], report["peak_tflops"]) == (4, 3, 0.5)
+    for r in report["results"].values():
+        assert r["train_images_per_s"] == pytest.approx(4 / r["train_step_s"])
+        assert r["mfu"] == pytest.approx(r["train_flops"] / r["train_step_s"] / 0.5e12)
+    assert "MFU" in to_markdown(report) and "0.5 TFLOP/s peak" in to_markdown(report)
+
+
+def test_bench_reports_no_mfu_without_a_known_peak():
+    report = run_bench("cpu", [], "cpu", "fp32", repeats=1, warmup=0, sample_steps=1, compile_models=False, batch=2)
+    assert report["peak_tflops"] is None and "mfu" not in report["results"]["residual"]
+
+
+def test_peak_lookup_prefers_the_specific_card_name():
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_bf16_tflops("NVIDIA H200") == 989.4
+    assert peak_bf16_tflops("Intel(R) Xeon(R) Platinum") is None
+
+
+@pytest.mark.parametrize("field", ["batch", "sample_batch", "peak_tflops"])
+def test_bench_rejects_non_positive_sizes(field):
+    with pytest.raises(ValueError, match=f"{field} must be positive"):
+        run_bench("cpu", [], "cpu", "fp32", 1, 0, 1, False, **{field: 0})

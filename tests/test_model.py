@@ -254,6 +254,32 @@ def test_recompute_backend_matches_torch_backend_in_the_model(routing):
         model.router.set_backend("cuda")
 
 
+@pytest.mark.parametrize("query", ["static_t", "dynamic"])
+def test_bf16_autocast_keeps_one_history_dtype_for_every_backend(query):
+    """Under autocast v_0 (embedding + fp32 position table) is fp32 while sublayer outputs are bf16;
+    the history holds them in one dtype, so the fused backends (which read all sources as one array)
+    run, and agree with the PyTorch path up to bf16 rounding."""
+    torch.manual_seed(0)
+    model = build_model(tiny(routing=RoutingConfig(query=query, chunk_size=3)))
+    with torch.no_grad():  # small weights: randomize()'s saturate the softmax, and bf16 then flips argmaxes
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
+    results = {}
+    for backend in ("torch", "recompute"):
+        model.zero_grad()
+        model.router.set_backend(backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stream = model.router.begin(torch.randn(2, 16, model.router.dim), torch.randn(2, model.router.dim))
+            out = model(x, t, y)
+        assert {v.dtype for v, _ in stream.history.values()} == {torch.bfloat16}
+        out.float().square().mean().backward()
+        results[backend] = out.detach().float(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    (out_torch, grad_torch), (out_recompute, grad_recompute) = results["torch"], results["recompute"]
+    assert (out_recompute - out_torch).norm() <= 2e-2 * out_torch.norm()
+    assert (grad_recompute - grad_torch).norm() <= 1e-1 * grad_torch.norm()
+
+
 def test_compiled_model_matches_eager():
     """torch.compile takes the per-aggregator routing path (the eager one precomputes logits per
     source); both are the same function."""
