@@ -143,8 +143,10 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def inverse_rms(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
-    """Per-token 1 / RMS(x) in fp32 (or wider): [..., D] -> [...]."""
-    return torch.rsqrt(x.to(stat_dtype(x.dtype)).pow(2).mean(-1) + eps)
+    """Per-token 1 / RMS(x) in fp32 (or wider): [..., D] -> [...]. (One reduction: the norm never
+    materialises x**2, which on CPU costs more than the rest of the op.)"""
+    norm = torch.linalg.vector_norm(x, dim=-1, dtype=stat_dtype(x.dtype))
+    return torch.rsqrt(norm.square() / x.shape[-1] + eps)
 
 
 def _token_dot(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -163,6 +165,54 @@ def _token_dots(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     if queries.dim() == 2:
         return v @ queries.t()
     return torch.bmm(v, queries.transpose(1, 2))
+
+
+def _source_logits_forward(v, queries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [B, T, n] fp32, 1/rms(v) [B, T] fp32, dots v . q_n [B, T, n] in v's dtype)."""
+    inv_rms = inverse_rms(v)
+    dots = _token_dots(v, queries)
+    return dots.to(inv_rms.dtype) * inv_rms.unsqueeze(-1), inv_rms, dots
+
+
+class _SourceLogits(torch.autograd.Function):
+    """A new source's logits for all its readers at once, ``z_n = (v . q_n) / rms(v)``, as one node.
+
+    v [B, T, D]; queries [n, D] or [B, n, D] (already scaled by the key gain and 1/sqrt(d)).
+    Returns logits [B, T, n] in fp32 (or wider). Recorded op by op, the RMS alone leaves a squared copy
+    of v and a backward of four full-size ops; here backward is one matmul and one multiply-add:
+    ``dL/dv = (g r) Q - (r^3 / D) (sum_n g_n (v . q_n)) v`` with ``r = 1/rms(v)``.
+    """
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, queries: torch.Tensor):
+        logits, inv_rms, dots = _source_logits_forward(v, queries)
+        ctx.save_for_backward(v, queries, inv_rms, dots)
+        return logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logits: torch.Tensor):
+        v, queries, inv_rms, dots = ctx.saved_tensors
+        grad_dots = grad_logits * inv_rms.unsqueeze(-1)  # [B, T, n]
+        grad_v = grad_q = None
+        if ctx.needs_input_grad[0]:
+            grad_v = grad_dots.to(v.dtype) @ queries.to(v.dtype)  # [B, T, D]
+            through_rms = (grad_logits * dots).sum(-1) * inv_rms.pow(3) / -v.shape[-1]  # [B, T]
+            grad_v.addcmul_(v, through_rms.unsqueeze(-1).to(v.dtype))
+        if ctx.needs_input_grad[1]:
+            if queries.dim() == 2:
+                grad_q = grad_dots.flatten(0, 1).t().to(v.dtype) @ v.flatten(0, 1)  # [n, D]
+            else:
+                grad_q = grad_dots.transpose(1, 2).to(v.dtype) @ v  # [B, n, D]
+            grad_q = grad_q.to(queries.dtype)
+        return grad_v, grad_q
+
+
+def source_logits(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``(v . q_n) / rms(v)`` for n queries: v [B, T, D], queries [n, D] or [B, n, D] -> [B, T, n] fp32."""
+    if not torch.is_grad_enabled():  # sampling: skip the autograd node's bookkeeping
+        return _source_logits_forward(v, queries)[0]
+    return _SourceLogits.apply(v, queries)
 
 
 def _mix_forward(sources, logits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +269,7 @@ def mix(sources: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]) -> tupl
     """
     if len(logits) != len(sources):
         raise ValueError(f"{len(sources)} sources but {len(logits)} logits")
-    if _compiling():  # Inductor fuses the recorded ops and derives their backward itself
+    if _compiling() or not torch.is_grad_enabled():  # Inductor derives the backward itself; sampling needs none
         h, alpha = _mix_forward(sources, logits)
     else:
         h, alpha = _Mix.apply(len(sources), *logits, *sources)
@@ -390,7 +440,7 @@ class RoutingStream:
         device_type = v0.device.type
         autocast = torch.is_autocast_enabled(device_type)
         self.dtype = torch.get_autocast_dtype(device_type) if autocast else v0.dtype
-        self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # i -> (v_i, 1/rms(v_i))
+        self.history: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # i -> (v_i, 1/rms(v_i) or None)
         self.logits: dict[int, tuple[torch.Tensor, ...]] = {}  # i -> n_i logits [B, T] of v_i, one per reader
         self._remember(0, v0)
         self.latest = v0
@@ -400,12 +450,12 @@ class RoutingStream:
 
     def _remember(self, i: int, v: torch.Tensor) -> None:
         v = v.to(self.dtype)
-        inv_rms = inverse_rms(v)
-        self.history[i] = (v, inv_rms)
-        if self.query_table is not None:  # every source has readers (reader_ranges)
+        if self.query_table is None:
+            self.history[i] = (v, inverse_rms(v))
+        else:  # its logits for every reader now (every source has readers: reader_ranges)
             first, last = self.router.readers[i]
-            dots = _token_dots(v, self.query_table[..., first - 1 : last, :])  # [B, T, n_i]
-            self.logits[i] = (dots.to(inv_rms.dtype) * inv_rms.unsqueeze(-1)).unbind(-1)
+            self.history[i] = (v, None)
+            self.logits[i] = source_logits(v, self.query_table[..., first - 1 : last, :]).unbind(-1)  # n_i x [B, T]
 
     def _aggregate(self, layer: int) -> torch.Tensor:
         indices = self.router.source_sets[layer - 1]

@@ -5,6 +5,7 @@ import torch
 
 from dar.routing import (
     DepthRouter, RMSNorm, RoutingConfig, aggregate, inverse_rms, mix, reader_ranges, source_indices,
+    source_logits,
 )
 
 
@@ -52,6 +53,18 @@ def test_mix_gradcheck_through_h_and_alpha(num_sources):
     h, alpha = mix(sources, logits)
     torch.testing.assert_close(alpha, torch.softmax(torch.stack(logits, -1), -1))
     torch.testing.assert_close(h, sum(alpha[..., k, None] * v for k, v in enumerate(sources)))
+
+
+@pytest.mark.parametrize("query_shape", [(4, 6), (2, 4, 6)], ids=["shared", "per-sample"])
+def test_source_logits_gradcheck_and_formula(query_shape):
+    """The fused entry of a source (its logits for all readers, hand-written backward) against the
+    definition q_n . v / rms(v), and its gradients for v and the queries."""
+    v = (torch.randn(2, 3, 6, dtype=torch.float64) * 3).requires_grad_()
+    queries = torch.randn(query_shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(source_logits, (v, queries))
+    rms = v.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    expected = (v / rms) @ queries.transpose(-1, -2)  # [B, T, n]
+    torch.testing.assert_close(source_logits(v, queries), expected)
 
 
 def test_mix_rejects_mismatched_lists():
