@@ -58,7 +58,9 @@ def saved_activation_bytes(fn) -> int:
         if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        # detached: an op that saves its own output would otherwise hold a tensor that points back at
+        # the op's node, a reference cycle that leaked every forward's activations (this runs no backward)
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()

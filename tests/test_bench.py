@@ -1,11 +1,12 @@
 import importlib.util
 import json
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
-from dar.bench import peak_bf16_tflops, run_bench, to_markdown
+from dar.bench import peak_bf16_tflops, run_bench, saved_activation_bytes, to_markdown
 from dar.models.sit import ModelConfig, build_model
 from dar.routing import RoutingConfig
 
@@ -81,3 +82,17 @@ def test_peak_lookup_prefers_the_specific_card_name():
 def test_bench_rejects_non_positive_sizes(field):
     with pytest.raises(ValueError, match=f"{field} must be positive"):
         run_bench("cpu", [], "cpu", "fp32", 1, 0, 1, False, **{field: 0})
+
+
+def test_activation_count_frees_what_it_counted():
+    """exp saves its own output; counting it must not keep it (and the whole graph) alive."""
+    x = torch.randn(1000, requires_grad=True)
+    outputs = []
+
+    def forward():
+        y = x.exp()
+        outputs.append(weakref.ref(y))
+        return (y * 2).sum()
+
+    assert saved_activation_bytes(forward) == 1000 * 4  # y only: exp saves its result, `* 2` nothing
+    assert outputs[0]() is None
