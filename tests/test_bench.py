@@ -13,8 +13,9 @@ from dar.routing import RoutingConfig
 ROOT = Path(__file__).parent.parent
 
 
-def load_reference_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_reference", ROOT / "benchmarks" / "bench_reference.py")
+def load_script(name):
+    """A script of benchmarks/ as a module (it is not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -23,7 +24,7 @@ def load_reference_benchmark():
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_reference_sit_of_the_benchmark_computes_our_residual_model(learn_sigma):
     """The baseline-speed benchmark is only meaningful if both models compute the same function."""
-    bench = load_reference_benchmark()
+    bench = load_script("bench_reference")
     torch.manual_seed(0)
     ours = build_model(ModelConfig(arch="SiT-Pico/8", input_size=32, in_channels=3, num_classes=10,
                                    learn_sigma=learn_sigma, routing=RoutingConfig(mode="residual")))
@@ -96,3 +97,18 @@ def test_activation_count_frees_what_it_counted():
 
     assert saved_activation_bytes(forward) == 1000 * 4  # y only: exp saves its result, `* 2` nothing
     assert outputs[0]() is None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_backend_check_script_passes_on_agreeing_backends(precision, tmp_path, capsys):
+    """benchmarks/check_backends.py is what a GPU session runs first; keep it working. In bf16 it also
+    runs the model under autocast with the fused (recompute) backend."""
+    check = load_script("check_backends")
+    report = tmp_path / "check.json"
+    args = ["--preset", "cpu", "--variants", "static_t-c4", "--batch", "2", "--precision", precision,
+            "--backends", "torch,recompute", "--json", str(report)]
+    assert check.main(args) == 0
+    assert json.loads(report.read_text())["variants"]["static_t-c4/recompute"]["ok"]
+    with pytest.raises(SystemExit):
+        check.main(["--backends", "torch"])  # nothing to compare against
+    assert "--backends needs two or more" in capsys.readouterr().err
