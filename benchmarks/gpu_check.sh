@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should confirm, in one prepared run that fits a short lease (about 6 minutes on
+# Everything a lent GPU should confirm, in one prepared run that fits a short lease (about 7-8 minutes on
 # an H100; every step has its own time limit and the run stops starting steps at $BUDGET_S):
 #   1. the fused Triton kernels, compiled natively, against the PyTorch path (tests/test_kernels.py);
 #   2. whole-model agreement of the backends at SiT-XL/2 width, fp32 and bf16 (check_backends.py);
@@ -18,7 +18,7 @@ DEVICE=${DEVICE:-cuda}
 SMALL=${SMALL:-sit-b2}
 LARGE=${LARGE:-sit-xl2}
 PY=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-480}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -52,7 +52,7 @@ step backends-fp32 60 $PY benchmarks/check_backends.py --preset "$LARGE" --devic
   --backends torch,triton --batch 4 --json "$OUT/check_backends_fp32.json"
 step backends-bf16 60 $PY benchmarks/check_backends.py --preset "$LARGE" --device "$DEVICE" --precision bf16 \
   --backends torch,triton --batch 4 --json "$OUT/check_backends_bf16.json"
-step bench-large 120 $PY -m dar.cli bench --preset "$LARGE" --device "$DEVICE" --precision bf16 \
+step bench-large 180 $PY -m dar.cli bench --preset "$LARGE" --device "$DEVICE" --precision bf16 \
   --variants residual,static-c4,static_t-c4,dynamic-c4 --repeats 10 --warmup 3 --json "$OUT/bench_${LARGE}_bf16.json"
 step bench-small 90 $PY -m dar.cli bench --preset "$SMALL" --device "$DEVICE" --precision bf16 \
   --variants residual,static-c4,static_t-c4,dynamic-c4 --repeats 20 --warmup 5 --json "$OUT/bench_${SMALL}_bf16.json"

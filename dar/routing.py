@@ -358,16 +358,21 @@ class DepthRouter(nn.Module):
                 nn.init.zeros_(module[1].bias)
 
     def set_backend(self, backend: str) -> None:
-        """``auto`` (fused Triton kernel on CUDA when Triton is installed, else ``torch``), ``torch``
-        (plain autograd, :func:`aggregate`), ``recompute`` (saves per-token statistics only and
-        recomputes the weights in backward) or ``triton``. All compute the same function."""
+        """``auto`` (see :meth:`resolve_backend`), ``torch`` (plain autograd, :func:`aggregate`),
+        ``recompute`` (saves per-token statistics only and recomputes the weights in backward) or
+        ``triton``. All compute the same function."""
         if backend not in BACKENDS:
             raise ValueError(f"routing backend {backend!r} is not one of {', '.join(BACKENDS)}")
         self.backend = backend
 
     def resolve_backend(self, device: torch.device) -> str:
+        """The backend ``auto`` stands for here: inside a compiled graph always ``torch`` (Inductor
+        fuses its ops; the kernel's table of source pointers would break the graph at every
+        aggregator), otherwise the Triton kernel on CUDA."""
         if self.backend != "auto":
             return self.backend
+        if _compiling():
+            return "torch"
         if device.type == "cuda":
             from dar.kernels import triton_available
 

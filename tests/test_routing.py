@@ -153,3 +153,17 @@ def test_every_source_is_read_by_a_contiguous_range_of_layers(num_layers, chunk)
         assert [l for l in range(1, num_layers + 2) if i in sets[l - 1]] == list(range(first, last + 1))
     with pytest.raises(ValueError, match="source 0 is read by non-contiguous layers"):
         reader_ranges([[0], [1], [0, 2]])
+
+
+def test_auto_backend_is_the_kernel_on_cuda_except_inside_compiled_graphs(monkeypatch):
+    import dar.kernels
+    import dar.routing
+
+    router = DepthRouter(8, 4, RoutingConfig(query="static"))
+    monkeypatch.setattr(dar.kernels, "triton_available", lambda device: True)
+    assert router.resolve_backend(torch.device("cuda")) == "triton"
+    assert router.resolve_backend(torch.device("cpu")) == "torch"
+    monkeypatch.setattr(dar.routing, "_compiling", lambda: True)
+    assert router.resolve_backend(torch.device("cuda")) == "torch"
+    router.set_backend("triton")  # an explicit choice is kept
+    assert router.resolve_backend(torch.device("cuda")) == "triton"
