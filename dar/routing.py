@@ -150,28 +150,36 @@ def inverse_rms(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
 
 
 def _token_dot(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Per-token dot product [B, T, D] . q -> [B, T], as a matmul where q is shared by tokens."""
-    q = q.to(v.dtype)
+    """Per-token dot product [B, T, D] . q -> [B, T] in fp32 (or wider), q [D], [B, D] or [B, T, D].
+
+    A logit must not be rounded to bf16 (at |z| ~ 10 that moves a softmax weight by a few percent),
+    so low-precision sources are multiplied by the fp32 query and summed in fp32 (one fused reduction
+    under torch.compile); fp32 sources use a matmul where q is shared by tokens.
+    """
+    wide = stat_dtype(v.dtype)
+    q = q.to(wide)
+    if v.dtype != wide or q.dim() == 3:
+        return (v * (q.unsqueeze(1) if q.dim() == 2 else q)).sum(-1)  # products promoted to fp32
     if q.dim() == 1:
         return v @ q
-    if q.dim() == 2:
-        return torch.bmm(v, q.unsqueeze(-1)).squeeze(-1)
-    return (v * q).sum(-1)
+    return torch.bmm(v, q.unsqueeze(-1)).squeeze(-1)
 
 
 def _token_dots(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Per-token dot products with n queries: v [B, T, D], queries [n, D] or [B, n, D] -> [B, T, n]."""
-    queries = queries.to(v.dtype)
+    """Per-token dot products with n queries: v [B, T, D], queries [n, D] or [B, n, D] -> [B, T, n],
+    in fp32 (or wider): low-precision sources are upcast for the matmul, so no logit is rounded."""
+    wide = stat_dtype(v.dtype)
+    v, queries = v.to(wide), queries.to(wide)
     if queries.dim() == 2:
         return v @ queries.t()
     return torch.bmm(v, queries.transpose(1, 2))
 
 
 def _source_logits_forward(v, queries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits [B, T, n] fp32, 1/rms(v) [B, T] fp32, dots v . q_n [B, T, n] in v's dtype)."""
+    """(logits [B, T, n], 1/rms(v) [B, T], dots v . q_n [B, T, n]), all fp32 (or wider)."""
     inv_rms = inverse_rms(v)
     dots = _token_dots(v, queries)
-    return dots.to(inv_rms.dtype) * inv_rms.unsqueeze(-1), inv_rms, dots
+    return dots * inv_rms.unsqueeze(-1), inv_rms, dots
 
 
 class _SourceLogits(torch.autograd.Function):
@@ -287,7 +295,7 @@ def aggregate(
     query: already multiplied by the RMSNorm gain and 1/sqrt(D); [D], [B, D] or [B, T, D].
     Returns (h [B, T, D] in the sources' dtype, alpha [B, T, K] fp32).
     """
-    logits = [_token_dot(v, query).to(r.dtype) * r for v, r in zip(sources, source_inv_rms)]  # K x [B, T]
+    logits = [_token_dot(v, query) * r for v, r in zip(sources, source_inv_rms)]  # K x [B, T] fp32
     return mix(sources, logits)
 
 

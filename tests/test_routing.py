@@ -72,6 +72,25 @@ def test_mix_rejects_mismatched_lists():
         mix([torch.randn(1, 2, 4)] * 3, [torch.randn(1, 2)] * 2)
 
 
+@pytest.mark.parametrize("query_shape", [(32,), (2, 32), (2, 16, 32)], ids=["D", "BD", "BTD"])
+def test_bf16_logits_are_not_rounded_to_bf16(query_shape):
+    """With bf16 sources and logits of order 10, rounding each logit to bf16 (spacing 0.06 there)
+    moves the weights by about 1e-2; multiplied by the fp32 query and summed in fp32 they match the
+    exact weights of the same rounded inputs to fp32 precision, on both paths (per aggregator and
+    per source)."""
+    gen = torch.Generator().manual_seed(0)
+    sources = [torch.randn(2, 16, 32, generator=gen).bfloat16() for _ in range(4)]
+    query = torch.randn(query_shape, generator=gen) * 10 / 32**0.5
+    exact = [v.double() for v in sources]
+    _, alpha_exact = aggregate(exact, [inverse_rms(v) for v in exact], query.double())
+    _, alpha = aggregate(sources, [inverse_rms(v) for v in sources], query)
+    assert (alpha.double() - alpha_exact).abs().max() < 1e-5  # 1e-2 with bf16-rounded logits
+    if len(query_shape) == 1:  # the per-source path takes a table of queries
+        logits = source_logits(sources[0], query[None])[..., 0]
+        expected = source_logits(exact[0], query[None].double())[..., 0]
+        assert (logits.double() - expected).abs().max() < 1e-4
+
+
 def test_softmax_statistics_are_fp32_for_bf16_sources():
     sources = [torch.randn(2, 4, 8).bfloat16() for _ in range(3)]
     h, alpha = aggregate(sources, [inverse_rms(v) for v in sources], torch.randn(8))
