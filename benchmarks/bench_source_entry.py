@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from dar.routing import source_logits
+from dar.routing_ops import source_logits
 
 
 def recorded(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

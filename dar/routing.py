@@ -27,7 +27,8 @@ stacked; the weighted sum accumulates source by source, so no ``[N, B, T, D]`` t
 autograd keeps nothing per aggregator beyond per-token weights (the sources themselves are shared).
 Static and static_t queries are known before any source exists, so (PyTorch backend) a source is
 dotted with the queries of every aggregator that will read it in one matmul when it enters the
-history, instead of once per reader.
+history, instead of once per reader. The fast autograd operations this uses (the per-token RMS, a
+source's logits, an aggregator's softmax mix) live in :mod:`dar.routing_ops`.
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from torch.autograd.function import once_differentiable
+
+from dar.routing_ops import RMS_EPS, compiling, inverse_rms, mix, source_logits, token_dot
 
 ROUTING_MODES = ("residual", "dar")
 QUERY_KINDS = ("static", "static_t", "dynamic")
 TIME_QUERY_KINDS = ("shared", "per_layer")
 FINAL_AGGREGATORS = ("dedicated", "reuse_last")
 BACKENDS = ("auto", "torch", "recompute", "triton")
-RMS_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,6 @@ def source_indices(layer: int, num_layers: int, chunk_size: int) -> list[int]:
     return [0] + summaries + list(range(chunk_start, layer))
 
 
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
-
-
 def reader_ranges(source_sets: Sequence[Sequence[int]]) -> dict[int, tuple[int, int]]:
     """For every source i, the first and last layer (1-based) whose source set holds it. Chunked
     histories make these contiguous: a summary is read by every later layer, a raw output by the
@@ -137,153 +133,6 @@ class RMSNorm(nn.Module):
         return (x * inverse_rms(x, self.eps).unsqueeze(-1) * self.weight).to(x.dtype)
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax and RMS statistics run in fp32 at least (fp64 stays fp64, for gradcheck)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def inverse_rms(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
-    """Per-token 1 / RMS(x) in fp32 (or wider): [..., D] -> [...]. (One reduction: the norm never
-    materialises x**2, which on CPU costs more than the rest of the op.)"""
-    norm = torch.linalg.vector_norm(x, dim=-1, dtype=stat_dtype(x.dtype))
-    return torch.rsqrt(norm.square() / x.shape[-1] + eps)
-
-
-def _token_dot(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Per-token dot product [B, T, D] . q -> [B, T] in fp32 (or wider), q [D], [B, D] or [B, T, D].
-
-    A logit must not be rounded to bf16 (at |z| ~ 10 that moves a softmax weight by a few percent),
-    so low-precision sources are multiplied by the fp32 query and summed in fp32 (one fused reduction
-    under torch.compile); fp32 sources use a matmul where q is shared by tokens.
-    """
-    wide = stat_dtype(v.dtype)
-    q = q.to(wide)
-    if v.dtype != wide or q.dim() == 3:
-        return (v * (q.unsqueeze(1) if q.dim() == 2 else q)).sum(-1)  # products promoted to fp32
-    if q.dim() == 1:
-        return v @ q
-    return torch.bmm(v, q.unsqueeze(-1)).squeeze(-1)
-
-
-def _token_dots(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Per-token dot products with n queries: v [B, T, D], queries [n, D] or [B, n, D] -> [B, T, n],
-    in fp32 (or wider): low-precision sources are upcast for the matmul, so no logit is rounded."""
-    wide = stat_dtype(v.dtype)
-    v, queries = v.to(wide), queries.to(wide)
-    if queries.dim() == 2:
-        return v @ queries.t()
-    return torch.bmm(v, queries.transpose(1, 2))
-
-
-def _source_logits_forward(v, queries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits [B, T, n], 1/rms(v) [B, T], dots v . q_n [B, T, n]), all fp32 (or wider)."""
-    inv_rms = inverse_rms(v)
-    dots = _token_dots(v, queries)
-    return dots * inv_rms.unsqueeze(-1), inv_rms, dots
-
-
-class _SourceLogits(torch.autograd.Function):
-    """A new source's logits for all its readers at once, ``z_n = (v . q_n) / rms(v)``, as one node.
-
-    v [B, T, D]; queries [n, D] or [B, n, D] (already scaled by the key gain and 1/sqrt(d)).
-    Returns logits [B, T, n] in fp32 (or wider). Recorded op by op, the RMS alone leaves a squared copy
-    of v and a backward of four full-size ops; here backward is one matmul and one multiply-add:
-    ``dL/dv = (g r) Q - (r^3 / D) (sum_n g_n (v . q_n)) v`` with ``r = 1/rms(v)``.
-    """
-
-    @staticmethod
-    def forward(ctx, v: torch.Tensor, queries: torch.Tensor):
-        logits, inv_rms, dots = _source_logits_forward(v, queries)
-        ctx.save_for_backward(v, queries, inv_rms, dots)
-        return logits
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logits: torch.Tensor):
-        v, queries, inv_rms, dots = ctx.saved_tensors
-        grad_dots = grad_logits * inv_rms.unsqueeze(-1)  # [B, T, n]
-        grad_v = grad_q = None
-        if ctx.needs_input_grad[0]:
-            grad_v = grad_dots.to(v.dtype) @ queries.to(v.dtype)  # [B, T, D]
-            through_rms = (grad_logits * dots).sum(-1) * inv_rms.pow(3) / -v.shape[-1]  # [B, T]
-            grad_v.addcmul_(v, through_rms.unsqueeze(-1).to(v.dtype))
-        if ctx.needs_input_grad[1]:
-            if queries.dim() == 2:
-                grad_q = grad_dots.flatten(0, 1).t().to(v.dtype) @ v.flatten(0, 1)  # [n, D]
-            else:
-                grad_q = grad_dots.transpose(1, 2).to(v.dtype) @ v  # [B, n, D]
-            grad_q = grad_q.to(queries.dtype)
-        return grad_v, grad_q
-
-
-def source_logits(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """``(v . q_n) / rms(v)`` for n queries: v [B, T, D], queries [n, D] or [B, n, D] -> [B, T, n] fp32."""
-    if not torch.is_grad_enabled():  # sampling: skip the autograd node's bookkeeping
-        return _source_logits_forward(v, queries)[0]
-    return _SourceLogits.apply(v, queries)
-
-
-def _mix_forward(sources, logits) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h [B, T, D], alpha [B, K, T] fp32) from K sources [B, T, D] and K logits [B, T]. The sum
-    accumulates in fp32 (or wider) and is rounded to the sources' dtype once, as the kernels do."""
-    alpha = torch.softmax(torch.stack(logits, dim=1), dim=1)  # [B, K, T], fp32 statistics
-    weights = alpha.unsqueeze(-1)  # [B, K, T, 1]
-    h = sources[0] * weights[:, 0]  # promoted to fp32 for bf16/fp16 sources
-    for k in range(1, len(sources)):
-        h.addcmul_(sources[k], weights[:, k])
-    return h.to(sources[0].dtype), alpha
-
-
-class _Mix(torch.autograd.Function):
-    """``h = sum_k softmax_k(z)_k v_k`` as one autograd node (see :func:`mix`).
-
-    Recorded op by op, a K-source mix leaves about 4K autograd nodes whose backward materialises
-    ``dL/dh * v_k`` before reducing it and a zero-filled copy per selected weight; here backward is
-    K fused multiply-reductions for the weights, K scalings for the sources and one softmax backward.
-    Logits are laid out [B, K, T]: PyTorch's CPU softmax over a short *last* dimension is about 10x
-    slower than over a middle one whose inner (token) dimension is contiguous.
-    """
-
-    @staticmethod
-    def forward(ctx, num_sources: int, *logits_and_sources: torch.Tensor):
-        logits, sources = logits_and_sources[:num_sources], logits_and_sources[num_sources:]
-        h, alpha = _mix_forward(sources, logits)
-        ctx.save_for_backward(alpha, *sources)
-        return h, alpha
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_h: torch.Tensor, grad_alpha_out: torch.Tensor | None):
-        alpha, *sources = ctx.saved_tensors
-        weights = alpha.to(grad_h.dtype).unsqueeze(-1)  # [B, K, T, 1]
-        num_sources = len(sources)
-        # dL/dalpha_k = <dL/dh, v_k> per token, then the softmax backward over k
-        grad_alpha = torch.stack([torch.sum(grad_h * v, -1, dtype=alpha.dtype) for v in sources], dim=1)  # [B, K, T]
-        if grad_alpha_out is not None:  # alpha itself was used (diagnostics, tests)
-            grad_alpha = grad_alpha + grad_alpha_out
-        grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(1, keepdim=True))
-        needs_logits = ctx.needs_input_grad[1 : 1 + num_sources]
-        needs_sources = ctx.needs_input_grad[1 + num_sources :]
-        grad_logit_list = [grad_logits[:, k] if needs_logits[k] else None for k in range(num_sources)]
-        grad_sources = [grad_h * weights[:, k] if needs_sources[k] else None for k in range(num_sources)]
-        return (None, *grad_logit_list, *grad_sources)
-
-
-def mix(sources: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha = softmax over the K sources of their logits (fp32), h = sum_k alpha_k v_k.
-
-    sources: K tensors [B, T, D]; logits: K tensors [B, T] fp32, one per source.
-    Returns (h [B, T, D] in the sources' dtype, alpha [B, T, K] fp32, a view).
-    """
-    if len(logits) != len(sources):
-        raise ValueError(f"{len(sources)} sources but {len(logits)} logits")
-    if _compiling() or not torch.is_grad_enabled():  # Inductor derives the backward itself; sampling needs none
-        h, alpha = _mix_forward(sources, logits)
-    else:
-        h, alpha = _Mix.apply(len(sources), *logits, *sources)
-    return h, alpha.transpose(1, 2)
-
-
 def aggregate(
     sources: Sequence[torch.Tensor],
     source_inv_rms: Sequence[torch.Tensor],
@@ -295,7 +144,7 @@ def aggregate(
     query: already multiplied by the RMSNorm gain and 1/sqrt(D); [D], [B, D] or [B, T, D].
     Returns (h [B, T, D] in the sources' dtype, alpha [B, T, K] fp32).
     """
-    logits = [_token_dot(v, query) * r for v, r in zip(sources, source_inv_rms)]  # K x [B, T] fp32
+    logits = [token_dot(v, query) * r for v, r in zip(sources, source_inv_rms)]  # K x [B, T] fp32
     return mix(sources, logits)
 
 
@@ -379,7 +228,7 @@ class DepthRouter(nn.Module):
         aggregator), otherwise the Triton kernel on CUDA."""
         if self.backend != "auto":
             return self.backend
-        if _compiling():
+        if compiling():
             return "torch"
         if device.type == "cuda":
             from dar.kernels import triton_available
@@ -445,7 +294,7 @@ class RoutingStream:
         # (docs/PERFORMANCE.md has the measurements and their noise).
         self.query_table = None
         static_queries = router.config.query != "dynamic"
-        if self.backend == "torch" and static_queries and router.precompute_logits and not _compiling():
+        if self.backend == "torch" and static_queries and router.precompute_logits and not compiling():
             self.query_table = router.query_table(time_query)
         # One dtype for the whole history, so that every backend can read it as one array of sources.
         # Under autocast that is the autocast dtype: sublayer outputs come out in it, while v_0

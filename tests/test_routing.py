@@ -3,10 +3,8 @@ import math
 import pytest
 import torch
 
-from dar.routing import (
-    DepthRouter, RMSNorm, RoutingConfig, aggregate, inverse_rms, mix, reader_ranges, source_indices,
-    source_logits,
-)
+from dar.routing import DepthRouter, RMSNorm, RoutingConfig, aggregate, reader_ranges, source_indices
+from dar.routing_ops import inverse_rms, mix, source_logits
 
 
 def naive_aggregate(sources, query, gain):
@@ -182,7 +180,7 @@ def test_auto_backend_is_the_kernel_on_cuda_except_inside_compiled_graphs(monkey
     monkeypatch.setattr(dar.kernels, "triton_available", lambda device: True)
     assert router.resolve_backend(torch.device("cuda")) == "triton"
     assert router.resolve_backend(torch.device("cpu")) == "torch"
-    monkeypatch.setattr(dar.routing, "_compiling", lambda: True)
+    monkeypatch.setattr(dar.routing, "compiling", lambda: True)
     assert router.resolve_backend(torch.device("cuda")) == "torch"
     router.set_backend("triton")  # an explicit choice is kept
     assert router.resolve_backend(torch.device("cuda")) == "triton"

@@ -2,7 +2,8 @@
 
 All take ``(sources, source_inv_rms, query)`` as the reference does and return ``(h, alpha)``:
 
-* ``torch``: :func:`dar.routing.aggregate` itself; autograd records every op.
+* ``torch``: :func:`dar.routing.aggregate` itself (PyTorch ops and the autograd nodes of
+  :mod:`dar.routing_ops`).
 * ``recompute``: one pure-PyTorch autograd Function that saves a per-token log-sum-exp instead of the
   routing weights and recomputes them in backward (:mod:`dar.kernels.recompute`); any device, any dtype.
 * ``triton``: fused forward and backward kernels (:mod:`dar.kernels.triton_aggregate`); CUDA, or CPU
