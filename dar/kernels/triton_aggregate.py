@@ -317,5 +317,5 @@ def triton_aggregate(
     if sources[0].shape[-1] > MAX_DIM:
         raise ValueError(f"the Triton kernels hold rows of D <= {MAX_DIM} in registers, got D={sources[0].shape[-1]}")
     if any(r.dtype != torch.float32 for r in source_inv_rms):
-        raise ValueError("source_inv_rms must be fp32 (dar.routing.inverse_rms returns fp32)")
+        raise ValueError("source_inv_rms must be fp32 (dar.routing_ops.inverse_rms returns fp32)")
     return TritonAggregate.apply(query, *sources, *source_inv_rms)
