@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from dar.routing_ops import RMS_EPS, compiling, inverse_rms, mix, source_logits, token_dot
+from dar.routing_ops import RMS_EPS, compiling, inverse_rms, mix, query_logits, source_logits
 
 ROUTING_MODES = ("residual", "dar")
 QUERY_KINDS = ("static", "static_t", "dynamic")
@@ -144,8 +144,7 @@ def aggregate(
     query: already multiplied by the RMSNorm gain and 1/sqrt(D); [D], [B, D] or [B, T, D].
     Returns (h [B, T, D] in the sources' dtype, alpha [B, T, K] fp32).
     """
-    logits = [token_dot(v, query) * r for v, r in zip(sources, source_inv_rms)]  # K x [B, T] fp32
-    return mix(sources, logits)
+    return mix(sources, query_logits(sources, source_inv_rms, query))  # logits: K x [B, T] fp32
 
 
 class DepthAggregator(nn.Module):

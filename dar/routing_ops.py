@@ -4,9 +4,10 @@ the method itself and docs/PERFORMANCE.md for the measurements).
 * :func:`inverse_rms`: per-token ``1/rms(v)`` in fp32, one norm reduction;
 * :func:`token_dot`, :func:`token_dots`: per-token logits ``v . q`` in fp32, whatever v's dtype;
 * :func:`source_logits`: a source's logits for all the aggregators that will read it, one autograd node;
+* :func:`query_logits`: one aggregator's logits for all its sources, one autograd node;
 * :func:`mix`: one aggregator's softmax over its sources and the weighted sum, one autograd node.
 
-The two nodes have hand-written backwards (each checked by an fp64 gradcheck in tests/test_routing.py):
+The nodes have hand-written backwards (each checked by an fp64 gradcheck in tests/test_routing.py):
 recorded op by op they leave several full-size temporaries and autograd nodes per source. Inside a
 ``torch.compile`` graph, and when no gradient is needed, their plain forwards run instead.
 """
@@ -111,6 +112,56 @@ def source_logits(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():  # sampling: skip the autograd node's bookkeeping
         return _source_logits_forward(v, queries)[0]
     return _SourceLogits.apply(v, queries)
+
+
+class _QueryLogits(torch.autograd.Function):
+    """One aggregator's logits ``z_k = (v_k . q) r_k`` for its K sources, as one node.
+
+    Recorded op by op, each source's backward builds its own full-size ``dL/dq`` term and autograd
+    adds them up; here they accumulate into one buffer (or, for a query shared by the tokens, reduce
+    straight to its shape), and ``dL/dv_k = dz_k r_k q`` is the only full-size tensor per source.
+    """
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, *sources_and_inv_rms: torch.Tensor):
+        num_sources = len(sources_and_inv_rms) // 2
+        sources, inv_rms = sources_and_inv_rms[:num_sources], sources_and_inv_rms[num_sources:]
+        dots = [token_dot(v, query) for v in sources]  # K x [B, T] fp32
+        ctx.save_for_backward(query, *sources, *inv_rms, *dots)
+        return tuple(d * r for d, r in zip(dots, inv_rms))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_logits: torch.Tensor):
+        query, *saved = ctx.saved_tensors
+        K = len(grad_logits)
+        sources, inv_rms, dots = saved[:K], saved[K : 2 * K], saved[2 * K :]
+        needs_query, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1:]
+        q = query.to(sources[0].dtype)
+        q = q.unsqueeze(1) if q.dim() == 2 else q  # broadcastable against [B, T, D]
+        grad_query, grad_sources, grad_inv_rms = None, [], []
+        for k, (v, r, d, g) in enumerate(zip(sources, inv_rms, dots, grad_logits)):
+            grad_dot = g * r  # [B, T]
+            grad_sources.append(grad_dot.unsqueeze(-1).to(v.dtype) * q if needs[k] else None)
+            grad_inv_rms.append(g * d if needs[K + k] else None)
+            if needs_query:
+                if query.dim() == 3:  # per token: accumulate in place, in fp32
+                    term = grad_dot.unsqueeze(-1)
+                    grad_query = v * term if grad_query is None else grad_query.addcmul_(v, term)
+                else:  # shared by the tokens: reduce them in a matmul
+                    term = torch.bmm(grad_dot.unsqueeze(1).to(v.dtype), v).squeeze(1).to(g.dtype)  # [B, D]
+                    grad_query = term if grad_query is None else grad_query + term
+        if grad_query is not None:
+            grad_query = (grad_query.sum(0) if query.dim() == 1 else grad_query).to(query.dtype)
+        return (grad_query, *grad_sources, *grad_inv_rms)
+
+
+def query_logits(sources: Sequence[torch.Tensor], inv_rms: Sequence[torch.Tensor], query: torch.Tensor) -> list[torch.Tensor]:
+    """``(v_k . q) r_k`` for K sources [B, T, D] with their ``1/rms`` [B, T] and one query [D], [B, D] or
+    [B, T, D]: K logits [B, T] in fp32 (or wider)."""
+    if compiling() or not torch.is_grad_enabled():
+        return [token_dot(v, query) * r for v, r in zip(sources, inv_rms)]
+    return list(_QueryLogits.apply(query, *sources, *inv_rms))
 
 
 def _mix_forward(sources, logits) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dar.routing import DepthRouter, RMSNorm, RoutingConfig, aggregate, reader_ranges, source_indices
-from dar.routing_ops import inverse_rms, mix, source_logits
+from dar.routing_ops import inverse_rms, mix, query_logits, source_logits
 
 
 def naive_aggregate(sources, query, gain):
@@ -63,6 +63,21 @@ def test_source_logits_gradcheck_and_formula(query_shape):
     rms = v.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
     expected = (v / rms) @ queries.transpose(-1, -2)  # [B, T, n]
     torch.testing.assert_close(source_logits(v, queries), expected)
+
+
+@pytest.mark.parametrize("query_shape", [(6,), (2, 6), (2, 3, 6)], ids=["D", "BD", "BTD"])
+@pytest.mark.parametrize("num_sources", [1, 3])
+def test_query_logits_gradcheck_and_formula(query_shape, num_sources):
+    """One aggregator's logits as one node (hand-written backward) against (v_k . q) r_k, with the
+    gradients for the query, every source and every 1/rms."""
+    sources = [torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True) for _ in range(num_sources)]
+    inv_rms = [torch.rand(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(num_sources)]
+    query = torch.randn(query_shape, dtype=torch.float64, requires_grad=True)
+    K = num_sources
+    assert torch.autograd.gradcheck(lambda q, *a: tuple(query_logits(a[:K], a[K:], q)), (query, *sources, *inv_rms))
+    q = query if query.dim() != 2 else query[:, None]
+    for z, v, r in zip(query_logits(sources, inv_rms, query), sources, inv_rms):
+        torch.testing.assert_close(z, (v * q).sum(-1) * r)
 
 
 def test_mix_rejects_mismatched_lists():
