@@ -2,9 +2,11 @@
 
 All variants are built once and timed round-robin in the same process (medians after warm-up), so
 the ratios to the residual model are robust to the machine's load drifting during the run. Memory:
-on CUDA the peak allocated bytes of a training step; on CPU, where allocators give no per-step
-peak, the bytes of the tensors autograd saves for backward (the activation memory a step holds at
-its peak), counted once per storage.
+on CUDA the peak a training step of one model would allocate alone (its parameters, gradients and
+optimizer state plus the step's peak above what was allocated before it; the other variants'
+models share the device); on CPU, where allocators give no per-step peak, the bytes of the tensors
+autograd saves for backward (the activation memory a step holds at its peak), counted once per
+storage.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ BENCH_PRESETS = {
     "sit-b2": BenchPreset(ModelConfig(arch="SiT-B/2"), 64, 64),
     "sit-xl2": BenchPreset(ModelConfig(arch="SiT-XL/2"), 32, 32),
 }
+
+
+def training_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of what a training step keeps between steps: parameters, their gradients, optimizer state."""
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def saved_activation_bytes(fn) -> int:
@@ -178,7 +187,8 @@ def run_bench(preset: str, variants: list[str], device: str, precision: str, rep
                 sample(stepper.eval(), noise, labels, SamplerConfig(method="euler", steps=sample_steps))
             stepper.train()
 
-        runs[name] = {"model": model, "train": train_step, "sample": sample_step, "train_s": [], "sample_s": []}
+        runs[name] = {"model": model, "optimizer": optimizer, "train": train_step, "sample": sample_step,
+                      "train_s": [], "sample_s": []}
 
     for _ in range(warmup):
         for run in runs.values():
@@ -196,11 +206,15 @@ def run_bench(preset: str, variants: list[str], device: str, precision: str, rep
     results = {}
     for name, run in runs.items():
         model = run["model"]
-        if cuda:
+        if cuda:  # the other variants' models live on the same device: count only this one's
+            torch.cuda.synchronize(dev)
+            before = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
             run["train"]()
             torch.cuda.synchronize(dev)
-            memory, memory_kind = torch.cuda.max_memory_allocated(dev), "cuda_peak_allocated"
+            step_bytes = torch.cuda.max_memory_allocated(dev) - before
+            memory = training_state_bytes(model, run["optimizer"]) + step_bytes
+            memory_kind = "cuda_peak_of_one_model"
         else:
             memory = saved_activation_bytes(lambda: transport.loss(model, x1, y, x0, t).mean())
             memory_kind = "saved_activations"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dar.bench import peak_bf16_tflops, run_bench, saved_activation_bytes, to_markdown
+from dar.bench import peak_bf16_tflops, run_bench, saved_activation_bytes, to_markdown, training_state_bytes
 from dar.models.sit import ModelConfig, build_model
 from dar.routing import RoutingConfig
 
@@ -112,3 +112,15 @@ def test_backend_check_script_passes_on_agreeing_backends(precision, tmp_path, c
     with pytest.raises(SystemExit):
         check.main(["--backends", "torch"])  # nothing to compare against
     assert "--backends needs two or more" in capsys.readouterr().err
+
+
+def test_training_state_counts_one_model_parameters_gradients_and_optimizer_state():
+    """On CUDA the memory column adds this to the step's own peak, so the other variants' models on
+    the same device do not dilute the ratios."""
+    model = torch.nn.Linear(3, 2)  # 8 parameters
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert training_state_bytes(model, optimizer) == 8 * 4  # no gradients or state yet
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    steps = sum(st["step"].numel() * st["step"].element_size() for st in optimizer.state.values())
+    assert training_state_bytes(model, optimizer) == 4 * 8 * 4 + steps  # params, grads, exp_avg, exp_avg_sq
