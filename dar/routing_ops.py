@@ -66,6 +66,16 @@ def token_dots(v: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return torch.bmm(v, queries.transpose(1, 2))
 
 
+def query_grad(coef: torch.Tensor, v: torch.Tensor, query_dim: int) -> torch.Tensor:
+    """The transpose of :func:`token_dot`: ``sum coef[b, t] v[b, t, :]`` over the tokens (and batch)
+    that share one query, so coef [B, T], v [B, T, D] (same dtype) -> the query's shape."""
+    if query_dim == 1:
+        return coef.reshape(-1) @ v.reshape(-1, v.shape[-1])  # [D]
+    if query_dim == 2:
+        return torch.bmm(coef.unsqueeze(1), v).squeeze(1)  # [B, D]
+    return coef.unsqueeze(-1) * v  # [B, T, D]
+
+
 def _source_logits_forward(v, queries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits [B, T, n], 1/rms(v) [B, T], dots v . q_n [B, T, n]), all fp32 (or wider)."""
     inv_rms = inverse_rms(v)
@@ -144,15 +154,14 @@ class _QueryLogits(torch.autograd.Function):
             grad_dot = g * r  # [B, T]
             grad_sources.append(grad_dot.unsqueeze(-1).to(v.dtype) * q if needs[k] else None)
             grad_inv_rms.append(g * d if needs[K + k] else None)
-            if needs_query:
-                if query.dim() == 3:  # per token: accumulate in place, in fp32
-                    term = grad_dot.unsqueeze(-1)
-                    grad_query = v * term if grad_query is None else grad_query.addcmul_(v, term)
-                else:  # shared by the tokens: reduce them in a matmul
-                    term = torch.bmm(grad_dot.unsqueeze(1).to(v.dtype), v).squeeze(1).to(g.dtype)  # [B, D]
-                    grad_query = term if grad_query is None else grad_query + term
+            if needs_query and query.dim() == 3:  # per token: accumulate in place, in fp32
+                term = grad_dot.unsqueeze(-1)
+                grad_query = v * term if grad_query is None else grad_query.addcmul_(v, term)
+            elif needs_query:  # shared by the tokens: reduced to the query's shape in a matmul
+                term = query_grad(grad_dot.to(v.dtype), v, query.dim()).to(g.dtype)
+                grad_query = term if grad_query is None else grad_query + term
         if grad_query is not None:
-            grad_query = (grad_query.sum(0) if query.dim() == 1 else grad_query).to(query.dtype)
+            grad_query = grad_query.to(query.dtype)
         return (grad_query, *grad_sources, *grad_inv_rms)
 
 

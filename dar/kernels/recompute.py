@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from dar.routing_ops import query_grad, stat_dtype, token_dot
+
 
 def validate_inputs(
     sources: Sequence[torch.Tensor], source_inv_rms: Sequence[torch.Tensor], query: torch.Tensor
@@ -48,30 +50,6 @@ def validate_inputs(
         raise ValueError(f"query must be [D], [B, D] or [B, T, D] with B, T, D = {B, T, D}, got {tuple(query.shape)}")
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 sources; fp64 stays fp64 so that gradcheck sees exact arithmetic."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _token_dot(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Per-token ``v . q`` for v [B, T, D] and q [D], [B, D] or [B, T, D] (same dtype) -> [B, T]."""
-    if q.dim() == 1:
-        return v @ q
-    if q.dim() == 2:
-        return torch.bmm(v, q.unsqueeze(-1)).squeeze(-1)
-    return (v * q).sum(-1)
-
-
-def _query_grad(coef: torch.Tensor, v: torch.Tensor, query_dim: int) -> torch.Tensor:
-    """The transpose of :func:`_token_dot`: ``sum coef[b, t] v[b, t, :]`` over the tokens (and batch)
-    that share one query, so coef [B, T], v [B, T, D] -> the query's shape."""
-    if query_dim == 1:
-        return coef.reshape(-1) @ v.reshape(-1, v.shape[-1])  # [D]
-    if query_dim == 2:
-        return torch.bmm(coef.unsqueeze(1), v).squeeze(1)  # [B, D]
-    return coef.unsqueeze(-1) * v  # [B, T, D]
-
-
 class RecomputeAggregate(torch.autograd.Function):
     """``apply(query, *sources, *source_inv_rms) -> (h, alpha)``; see the module docstring."""
 
@@ -79,10 +57,10 @@ class RecomputeAggregate(torch.autograd.Function):
     def forward(ctx, query: torch.Tensor, *sources_and_inv_rms: torch.Tensor):
         num_sources = len(sources_and_inv_rms) // 2
         sources, inv_rms = sources_and_inv_rms[:num_sources], sources_and_inv_rms[num_sources:]
-        acc_dtype = accumulation_dtype(sources[0].dtype)
+        acc_dtype = stat_dtype(sources[0].dtype)
         q = query.to(acc_dtype)
         logits = torch.stack(
-            [_token_dot(v.to(acc_dtype), q) * r for v, r in zip(sources, inv_rms)], dim=-1
+            [token_dot(v.to(acc_dtype), q) * r for v, r in zip(sources, inv_rms)], dim=-1
         )  # [B, T, K]; the upcast v exists for one source at a time
         lse = torch.logsumexp(logits, dim=-1)  # [B, T]: all backward needs to rebuild alpha
         alpha = torch.exp(logits - lse.unsqueeze(-1))  # [B, T, K]
@@ -102,7 +80,7 @@ class RecomputeAggregate(torch.autograd.Function):
         needs_query_grad = ctx.needs_input_grad[0]
         needs_source_grad = ctx.needs_input_grad[1 : 1 + num_sources]
         needs_inv_rms_grad = ctx.needs_input_grad[1 + num_sources :]
-        acc_dtype = accumulation_dtype(sources[0].dtype)
+        acc_dtype = stat_dtype(sources[0].dtype)
         q = query.to(acc_dtype)
         q_tokens = q.view(1, 1, -1) if q.dim() == 1 else q.unsqueeze(1) if q.dim() == 2 else q  # vs [B, T, D]
         dh = grad_h.to(acc_dtype)  # [B, T, D]
@@ -111,7 +89,7 @@ class RecomputeAggregate(torch.autograd.Function):
         dots, alphas, grad_weights = [], [], []
         for v, r in zip(sources, inv_rms):
             v = v.to(acc_dtype)
-            dot = _token_dot(v, q)  # [B, T], v_k . q
+            dot = token_dot(v, q)  # [B, T], v_k . q
             dots.append(dot)
             alphas.append(torch.exp(dot * r - lse))
             grad_weights.append((dh * v).sum(-1))
@@ -132,7 +110,7 @@ class RecomputeAggregate(torch.autograd.Function):
                 grad_sources.append(None)
             grad_inv_rms.append((grad_logits[..., k] * dots[k]).to(r.dtype) if needs_inv_rms_grad[k] else None)
             if needs_query_grad:
-                grad_query += _query_grad(grad_dot, v.to(acc_dtype), q.dim())
+                grad_query += query_grad(grad_dot, v.to(acc_dtype), q.dim())
         if needs_query_grad:
             grad_query = grad_query.to(query.dtype)
         return (grad_query, *grad_sources, *grad_inv_rms)
