@@ -310,7 +310,9 @@ class RoutingStream:
         self.weights: list[torch.Tensor] | None = [] if record_weights else None
 
     def _remember(self, i: int, v: torch.Tensor) -> None:
-        v = v.to(self.dtype)
+        # Token-major, once: a mix keeps its first source's layout, so a transposed v_0 (a patch
+        # embedding's view) would make every later weighted sum and LayerNorm stride across memory.
+        v = v.to(self.dtype).contiguous()
         if self.query_table is None:
             self.history[i] = (v, inverse_rms(v))
         else:  # its logits for every reader now (every source has readers: reader_ranges)

@@ -113,7 +113,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, T, D]
+        # Token-major memory: left as a transposed view, the whole stream inherits the conv's [D, T] layout
+        # (elementwise ops keep their first input's layout), so every LayerNorm copies its input and every
+        # add reads its other operand across strides.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # [B, C, H, W] -> [B, T, D]
 
 
 class Attention(nn.Module):
