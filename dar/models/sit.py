@@ -133,7 +133,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, H, T, D/H], scale (D/H)^-0.5
+        q, k, v = qkv.unbind(0)  # 3 x [B, H, T, D/H]; (indexing qkv[i] would zero-fill [3, ...] thrice in backward)
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, D/H], scale (D/H)^-0.5
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
