@@ -124,3 +124,19 @@ def test_training_state_counts_one_model_parameters_gradients_and_optimizer_stat
     optimizer.step()
     steps = sum(st["step"].numel() * st["step"].element_size() for st in optimizer.state.values())
     assert training_state_bytes(model, optimizer) == 4 * 8 * 4 + steps  # params, grads, exp_avg, exp_avg_sq
+
+
+def test_routing_share_script_times_every_aggregator_and_restores_the_router(tmp_path):
+    share = load_script("bench_routing_share")
+    import dar.routing as routing
+
+    before = {name: getattr(routing, name) for name in share.TIMED}
+    report = tmp_path / "share.json"
+    args = ["--arch", "SiT-Pico/8", "--batch", "2", "--variant", "static-c4", "--repeats", "1", "--warmup", "0",
+            "--json", str(report)]
+    assert share.main(args) == 0
+    result = json.loads(report.read_text())
+    model = build_model(ModelConfig(arch="SiT-Pico/8", routing=RoutingConfig(query="static", chunk_size=4)))
+    assert result["median"]["sources_read"] == sum(len(s) for s in model.router.source_sets)
+    assert 0 < result["routing_share"] < 1
+    assert {name: getattr(routing, name) for name in share.TIMED} == before
