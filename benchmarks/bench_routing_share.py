@@ -5,8 +5,9 @@ times the routing operations where they run, in the real forward, so a change to
 when the forward's total drifts. It wraps the router's source entry (``source_logits``), its
 per-aggregator logits (``query_logits``) and its mix (``mix``) with timers and reports, per forward
 (medians over repeats): the forward's time, the time in each of them, and the mix's time per source
-read. Run it against another checkout (``PYTHONPATH=/path/to/other/checkout``) to compare two versions
-on the same machine:
+read. CPU only (CUDA launches are asynchronous, so host-side timers would not see the kernels; use
+``dar bench`` there). Run it against another checkout (``PYTHONPATH=/path/to/other/checkout``) to
+compare two versions on the same machine:
 
     python benchmarks/bench_routing_share.py --arch SiT-S/2 --batch 32 --variant static-c4
 """
