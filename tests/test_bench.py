@@ -126,17 +126,25 @@ def test_training_state_counts_one_model_parameters_gradients_and_optimizer_stat
     assert training_state_bytes(model, optimizer) == 4 * 8 * 4 + steps  # params, grads, exp_avg, exp_avg_sq
 
 
-def test_routing_share_script_times_every_aggregator_and_restores_the_router(tmp_path):
+@pytest.mark.parametrize("train", [False, True])
+def test_routing_share_script_times_every_aggregator_and_restores_the_router(train, tmp_path):
     share = load_script("bench_routing_share")
     import dar.routing as routing
+    import dar.routing_ops as routing_ops
 
-    before = {name: getattr(routing, name) for name in share.TIMED}
+    def patched_names():
+        return ({name: getattr(routing, name) for name in share.TIMED},
+                {name: getattr(routing_ops, name).__dict__["backward"] for name in share.TIMED_BACKWARD})
+
+    before = patched_names()
     report = tmp_path / "share.json"
     args = ["--arch", "SiT-Pico/8", "--batch", "2", "--variant", "static-c4", "--repeats", "1", "--warmup", "0",
-            "--json", str(report)]
+            "--json", str(report)] + (["--train"] if train else [])
     assert share.main(args) == 0
     result = json.loads(report.read_text())
     model = build_model(ModelConfig(arch="SiT-Pico/8", routing=RoutingConfig(query="static", chunk_size=4)))
     assert result["median"]["sources_read"] == sum(len(s) for s in model.router.source_sets)
     assert 0 < result["routing_share"] < 1
-    assert {name: getattr(routing, name) for name in share.TIMED} == before
+    if train:  # the hand-written backwards ran through the timers
+        assert result["median"]["_Mix.backward"] > 0 and result["median"]["_SourceLogits.backward"] > 0
+    assert patched_names() == before
