@@ -207,12 +207,8 @@ class _Mix(torch.autograd.Function):
         alpha, *sources = ctx.saved_tensors
         weights = alpha.to(grad_h.dtype).unsqueeze(-1)  # [B, K, T, 1]
         num_sources = len(sources)
-        # dL/dalpha_k = <dL/dh, v_k> per token, then the softmax backward over k. The K products share one
-        # buffer: a fresh full-size temporary per source costs more than the product itself on CPU.
-        product = torch.empty_like(grad_h, memory_format=torch.contiguous_format)
-        grad_alpha = torch.stack(
-            [torch.mul(grad_h, v, out=product).sum(-1, dtype=alpha.dtype) for v in sources], dim=1
-        )  # [B, K, T]
+        # dL/dalpha_k = <dL/dh, v_k> per token, then the softmax backward over k
+        grad_alpha = torch.stack([torch.sum(grad_h * v, -1, dtype=alpha.dtype) for v in sources], dim=1)  # [B, K, T]
         if grad_alpha_out is not None:  # alpha itself was used (diagnostics, tests)
             grad_alpha = grad_alpha + grad_alpha_out
         grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(1, keepdim=True))
