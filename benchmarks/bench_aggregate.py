@@ -1,11 +1,11 @@
-"""Op-level benchmark of DAR aggregation: naive stacking vs the backends of :mod:`dar.kernels`.
+"""Op-level benchmark of DAR aggregation: naive stacking vs the backends of :mod:`dar.routing.backends`.
 
 For each source count K it times, side by side in one run and on the same inputs,
 
 * ``naive``: ``torch.stack`` of all sources into ``[B, T, K, D]``, then logits, softmax and the
   weighted sum as batched matmuls (what one writes first);
 * ``torch``: :func:`dar.routing.aggregate` (per-source dot products, no stack);
-* ``recompute``: :class:`dar.kernels.recompute.RecomputeAggregate`;
+* ``recompute``: :class:`dar.routing.kernels.recompute.RecomputeAggregate`;
 * ``triton``: the fused kernels (CUDA only),
 
 and reports the median forward and forward+backward times, the bytes autograd keeps between forward
@@ -27,7 +27,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dar.kernels import fused_aggregate, triton_available
+from dar.routing.backends import triton_available
 from dar.routing import aggregate, inverse_rms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,10 +48,10 @@ def variants(device: torch.device) -> dict:
     found = {
         "naive": naive_aggregate,
         "torch": aggregate,
-        "recompute": lambda s, r, q: fused_aggregate(s, r, q, backend="recompute"),
+        "recompute": lambda s, r, q: aggregate(s, r, q, backend="recompute"),
     }
     if device.type == "cuda" and triton_available(device):
-        found["triton"] = lambda s, r, q: fused_aggregate(s, r, q, backend="triton")
+        found["triton"] = lambda s, r, q: aggregate(s, r, q, backend="triton")
     return found
 
 

@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dar.bench import BENCH_PRESETS, device_name, seconds
+from dar.study.bench import BENCH_PRESETS, device_name, seconds
 from dar.models.sit import build_model, sincos_pos_embed_2d
 from dar.routing import RoutingConfig
-from dar.transport import Transport
+from dar.diffusion.transport import Transport
 
 
 def timm_parts():

@@ -1,4 +1,4 @@
-"""The autograd nodes of dar.routing_ops against the same formulas recorded op by op (forward + backward).
+"""The autograd nodes of dar.routing.ops against the same formulas recorded op by op (forward + backward).
 
 * source entry: a source's logits for its n readers, ``(v . q_n) / rms(v)`` (static, static_t);
 * aggregator logits: ``(v_k . q) r_k`` for K sources and a per-token query (dynamic), followed by
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from dar.routing_ops import mix, query_logits, source_logits
+from dar.routing.ops import mix, query_logits, source_logits
 
 
 def entry_recorded(v, queries, inv_rms):

@@ -18,9 +18,9 @@ from dataclasses import replace
 
 import torch
 
-from dar.bench import BENCH_PRESETS, VARIANTS, device_name, seconds
+from dar.study.bench import BENCH_PRESETS, VARIANTS, device_name, seconds
 from dar.models.sit import build_model
-from dar.transport import Transport
+from dar.diffusion.transport import Transport
 
 
 def main(argv=None) -> int:

@@ -24,13 +24,15 @@ from dataclasses import replace
 
 import torch
 
-import dar.routing as routing
-import dar.routing_ops as routing_ops
-from dar.bench import VARIANTS
+import dar.routing.backends as backends
+import dar.routing.ops as routing_ops
+import dar.routing.router as router
 from dar.models.sit import ModelConfig, build_model
+from dar.study.bench import VARIANTS
 
-TIMED = ("source_logits", "query_logits", "mix")  # functions dar.routing calls
-TIMED_BACKWARD = ("_SourceLogits", "_QueryLogits", "_Mix")  # their autograd nodes in dar.routing_ops
+# The routing operations and the modules that call them (each call site is patched)
+TIMED = {"source_logits": (router,), "query_logits": (backends,), "mix": (router, backends)}
+TIMED_BACKWARD = ("_SourceLogits", "_QueryLogits", "_Mix")  # their autograd nodes in dar.routing.ops
 
 
 def timed(name, fn, clock):
@@ -48,18 +50,18 @@ def timed(name, fn, clock):
 @contextmanager
 def routing_timers(clock):
     """Route every timed call through ``clock`` for the duration, then put the originals back."""
-    functions = {name: getattr(routing, name) for name in TIMED}
+    functions = {(module, name): getattr(module, name) for name, modules in TIMED.items() for module in modules}
     nodes = {name: getattr(routing_ops, name) for name in TIMED_BACKWARD if hasattr(routing_ops, name)}
     backwards = {name: node.__dict__["backward"] for name, node in nodes.items()}
     try:
-        for name, fn in functions.items():
-            setattr(routing, name, timed(name, fn, clock))
+        for (module, name), fn in functions.items():
+            setattr(module, name, timed(name, fn, clock))
         for name, node in nodes.items():  # autograd looks backward up on the class when it runs
             node.backward = staticmethod(timed(f"{name}.backward", backwards[name].__func__, clock))
         yield
     finally:
-        for name, fn in functions.items():
-            setattr(routing, name, fn)
+        for (module, name), fn in functions.items():
+            setattr(module, name, fn)
         for name, node in nodes.items():
             node.backward = backwards[name]
 
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 model(x, t, y)
 
-    names = TIMED + (tuple(f"{name}.backward" for name in TIMED_BACKWARD) if args.train else ())
+    names = tuple(TIMED) + (tuple(f"{name}.backward" for name in TIMED_BACKWARD) if args.train else ())
     clock = dict.fromkeys((*names, "sources_read"), 0.0)
     runs = []
     with routing_timers(clock):

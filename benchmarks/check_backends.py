@@ -28,10 +28,10 @@ from dataclasses import replace
 
 import torch
 
-from dar.bench import BENCH_PRESETS, VARIANTS, device_name
+from dar.study.bench import BENCH_PRESETS, VARIANTS, device_name
 from dar.models.sit import build_model
 from dar.routing import BACKENDS
-from dar.transport import Transport
+from dar.diffusion.transport import Transport
 
 
 def run_backend(model, backend: str, inputs, autocast) -> dict[str, torch.Tensor]:

@@ -33,3 +33,17 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bytes, in name order), not of the
+    file: its header's metadata order may differ between two writes of the same weights."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="numpy") as handle:
+        for name in sorted(handle.keys()):
+            array = handle.get_tensor(name)
+            digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()

@@ -16,7 +16,7 @@ from dar.evaluate.classifier import (
     read_classifier_metadata,
     uint8_to_model,
 )
-from dar.evaluate.cli import main as eval_main
+from dar.cli import main as eval_main
 from dar.evaluate.features import FeatureExtractor, make_feature_extractor
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dar.checkpoint import CheckpointError, latest_checkpoint, load_model
+from dar.training.checkpoint import CheckpointError, latest_checkpoint, load_model
 from dar.cli import main
-from dar.config import resolve
+from dar.training.config import resolve
 
 TINY = ["model.arch=SiT-Pico/8", "train.global_batch=8", "train.steps=2", "train.sample_every=2",
         "train.log_every=1", "sampler.steps=2", "sampler.method=euler"]
@@ -130,3 +130,29 @@ def test_convert_official_sit_checkpoint(tmp_path, capsys):
     torch.save({"not": "weights"}, tmp_path / "bad.pt")
     assert main(["convert-sit", str(tmp_path / "bad.pt"), "--arch", "SiT-Pico/8", "--out", str(out)]) == 2
     assert "does not match SiT-Pico/8" in capsys.readouterr().err
+
+
+def test_convert_sit_to_a_dar_model_says_so_and_routes(tmp_path, capsys):
+    from dar.models.sit import ModelConfig, build_model
+    from dar.routing import RoutingConfig
+
+    official = build_model(ModelConfig(arch="SiT-Pico/8", learn_sigma=True, routing=RoutingConfig(mode="residual")))
+    torch.save(official.state_dict(), tmp_path / "official.pt")
+    out = tmp_path / "dar.safetensors"
+    assert main(["convert-sit", str(tmp_path / "official.pt"), "--arch", "SiT-Pico/8", "--out", str(out),
+                 "model.routing.mode=dar"]) == 0
+    assert "(SiT-Pico/8, dar-static_t-c4, from" in capsys.readouterr().out
+    model, config, _ = load_model(out)
+    assert config.model.routing.mode == "dar" and len(model.router.aggregators) == 25
+    assert not list(tmp_path.glob(".dar.safetensors.tmp-*"))
+
+
+def test_convert_sit_refuses_pickled_code_without_torch_advice(tmp_path, capsys):
+    import pickle
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"w": print}, f)
+    assert main(["convert-sit", str(tmp_path / "evil.pt"), "--arch", "SiT-Pico/8", "--out",
+                 str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "weights_only" not in err and not (tmp_path / "x.safetensors").exists()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dar.cli import main
-from dar.diagnose_cli import add_diagnose_parser
-from dar.diagnostics import (
+from dar.cli.diagnose import add_parser as add_diagnose_parser
+from dar.study.diagnostics import (
     MeasurementGates,
     gate_importance,
     make_t_grid,
@@ -17,7 +17,8 @@ from dar.diagnostics import (
 )
 from dar.models.sit import ModelConfig, build_model
 from dar.routing import RoutingConfig, source_indices
-from dar.transport import Transport
+from dar.diffusion.transport import Transport
+from tolerances import assert_close_scaled
 
 RESIDUAL = RoutingConfig(mode="residual")
 
@@ -38,7 +39,7 @@ def batch(n=3):
 
 
 class Sources:
-    """Test-side recorder of every source v_0..v_L and input h_1..h_{L+1}, independent of dar.diagnostics."""
+    """Test-side recorder of every source v_0..v_L and input h_1..h_{L+1}, independent of dar.study.diagnostics."""
 
     def __call__(self, stream):
         self.stream, self.inputs = stream, []
@@ -130,7 +131,7 @@ def test_measurement_gates_keep_the_output_and_measure_inner_products():
     for l in range(1, n + 1):
         for i in range(l):
             expected[i, l - 1] = (own[l - 1] * recorder.sources[i]).sum().item() / len(x1)
-    np.testing.assert_allclose(importance, expected, rtol=1e-7, atol=1e-12)
+    assert_close_scaled(importance, expected, rtol=1e-7)
     assert np.isnan(importance[np.tril_indices(n, -1)]).all()  # row i, column l - 1: masked where i >= l
 
     with pytest.raises(TypeError, match="residual"):

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from dar.experiment import bootstrap_interval, load_experiment, run_dirs, steps_to_reach, summarize
+from dar.study.experiment import bootstrap_interval, load_experiment, run_dirs, steps_to_reach, summarize
 
 STUDY = """
 name = "t"
@@ -71,7 +71,7 @@ def test_summary_speedup_against_each_seeds_baseline(tmp_path):
 
 
 def test_report_draws_curves_and_tables_from_metrics(tmp_path):
-    from dar.experiment_report import write_report
+    from dar.study.report import write_report
 
     path = write(tmp_path)
     experiment = load_experiment(path)
@@ -101,7 +101,7 @@ def test_steps_to_reach_and_bootstrap():
 
 
 def test_execution_order_finishes_each_seed_across_groups_first(tmp_path):
-    from dar.experiment import execution_order
+    from dar.study.experiment import execution_order
 
     experiment = load_experiment(write(tmp_path))
     order = [(g.name, v, s) for _, (g, v, s, _) in execution_order(experiment, tmp_path)]
@@ -110,18 +110,26 @@ def test_execution_order_finishes_each_seed_across_groups_first(tmp_path):
 
 
 def test_workers_skip_runs_claimed_by_another_process(tmp_path, capsys):
-    from dar.experiment import claim, is_finished, run_experiment
+    import subprocess
+    import sys
+
+    from dar.study.experiment import is_finished, run_experiment
 
     study = write(tmp_path)
     experiment = load_experiment(study)
     dirs = run_dirs(experiment, tmp_path / "out")
     configs = {(g.name, v, s): c for g, v, s, c in experiment.runs()}
     held = dirs["main", "dar", 1]
-    with claim(held) as claimed:
-        assert claimed
-        with claim(held) as again:  # a second claimant (another worker) is refused, not blocked
-            assert not again
-        run_experiment(study, tmp_path / "out", progress=False)
+    worker = subprocess.Popen(  # another worker holding one run
+        [sys.executable, "-c", "import sys, time; from dar.files import directory_lock\n"
+         f"with directory_lock({str(held)!r}, 'dar experiment'):\n    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "held"
+        run_experiment(study, tmp_path / "out", progress=False)  # skips the held run, is not blocked by it
+    finally:
+        worker.kill()
+        worker.wait()
     assert "1 run(s) are being trained by another process" in capsys.readouterr().out
     assert not is_finished(held, configs["main", "dar", 1])
     for key in [("main", "residual", 0), ("main", "residual", 1), ("main", "dar", 0)]:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dar.sampling import SamplerConfig, guided_velocity, sample
-from dar.transport import Transport
+from dar.diffusion.samplers import SamplerConfig, guided_velocity, sample
+from dar.diffusion.transport import Transport
 
 S = 0.5  # data ~ N(0, S^2 I): velocity and score are known in closed form
 

@@ -30,6 +30,10 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
+from dar.data.datasets import BACKGROUND
+from dar.data.images import pad_square
+from dar.data.images import uint8_to_model as images_to_model
+
 CLASSIFIER_PATH = Path(__file__).resolve().parent.parent / "assets" / "fmnist_classifier.safetensors"
 """The shipped weights (see ``scripts/train_fmnist_classifier.py`` for their provenance)."""
 
@@ -87,7 +91,7 @@ def uint8_to_model(images: np.ndarray) -> torch.Tensor:
 
     Accepts ``[N, H, W]`` or ``[N, H, W, 1]`` with ``H = W = 32`` (samples of a model trained on the
     padded built-in dataset) or ``28`` (raw Fashion-MNIST, padded here with background 0 -> -1,
-    exactly as :mod:`dar.data` pads). Anything else is an error rather than a silent resize: the
+    with the same padding as :mod:`dar.data.datasets`). Anything else is an error rather than a silent resize: the
     classifier has only seen this geometry, and a resized input would bias every metric.
     """
     if images.dtype != np.uint8:
@@ -99,10 +103,7 @@ def uint8_to_model(images: np.ndarray) -> torch.Tensor:
             "the Fashion-MNIST classifier takes grayscale uint8 images [N, H, W] or [N, H, W, 1] with "
             f"H = W = {IMAGE_SIZE} (or {NATIVE_SIZE}, padded to {IMAGE_SIZE}); got shape {images.shape}"
         )
-    pad = (IMAGE_SIZE - images.shape[1]) // 2
-    if pad:
-        images = np.pad(images, ((0, 0), (pad, pad), (pad, pad)), constant_values=0)
-    return torch.from_numpy(np.ascontiguousarray(images)[:, None]).float().div_(127.5).sub_(1.0)
+    return images_to_model(pad_square(images, IMAGE_SIZE, BACKGROUND)[:, None])
 
 
 def read_classifier_metadata(path: str | Path = CLASSIFIER_PATH) -> dict[str, str]:

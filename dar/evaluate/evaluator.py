@@ -3,8 +3,8 @@
 :func:`evaluate_samples` is the one-shot evaluation behind ``dar eval``: it extracts features of
 the samples, computes every metric the extractor and the reference allow, and returns a JSON-able
 dict that says how each number was obtained (extractor and weight hash, reference and its hash,
-k, subsets, splits, package versions). A number without its settings cannot be reproduced
-(ANCHORS §2.1), so the settings travel in the same dict as the numbers.
+k, subsets, splits, package versions). A number without its settings cannot be reproduced, so the
+settings travel in the same dict as the numbers.
 
 :class:`InDomainEvaluator` is the fast, cached variant for periodic evaluation during training on
 the built-in dataset: reference features and k-NN radii of the built-in train split are computed

@@ -10,7 +10,7 @@ sublayer (attention and MLP separately) its own input.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -55,6 +55,9 @@ class ModelConfig:
         for name in ("input_size", "in_channels", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio * self.dims[1] >= 1):
+            raise ValueError(f"model.mlp_ratio must give an MLP of at least one hidden unit, got {self.mlp_ratio}")
+        self.routing.check_depth(2 * self.dims[0])
 
     @property
     def patch_size(self) -> int:
@@ -320,7 +323,3 @@ def load_official_sit_state_dict(model: SiT, state_dict: dict[str, torch.Tensor]
         if value.shape != own[key].shape:
             raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(own[key].shape)}")
     model.load_state_dict(state_dict, strict=False)
-
-
-def with_routing(config: ModelConfig, **routing_overrides) -> ModelConfig:
-    return replace(config, routing=replace(config.routing, **routing_overrides))

@@ -1,0 +1,5 @@
+import sys
+
+from dar.cli import main
+
+sys.exit(main())

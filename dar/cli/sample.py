@@ -1,0 +1,87 @@
+"""``dar sample``: a labelled grid PNG and/or an ADM-format ``.npz`` (sharded, resumable, torchrun-aware)."""
+
+from __future__ import annotations
+
+import argparse
+
+TAKES_OVERRIDES = True
+
+
+def positive_int(text: str) -> int:
+    """argparse type of --num and --batch-size: an integer of at least 1."""
+    message = f"must be a positive integer, got {text!r}"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(message) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(message)
+    return value
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample", help="generate samples: a labelled grid PNG and/or an ADM .npz",
+        usage="dar sample CHECKPOINT [options] [sampler.KEY=VALUE ...]",
+        epilog="sampler.KEY=VALUE overrides the checkpoint's sampler, e.g. sampler.method=sde "
+               "sampler.steps=250 sampler.cfg_scale=1.5 sampler.guidance_interval=0,0.7")
+    p.add_argument("checkpoint", help="run dir (latest checkpoint), checkpoint dir, or .safetensors file")
+    p.add_argument("--num", type=positive_int, default=80, help="number of samples")
+    p.add_argument("--out", help="directory for samples.npz + samples.json (sharded, resumable, torchrun-aware)")
+    p.add_argument("--grid", help="PNG path for a labelled grid of the first samples (at most 160)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels", default="balanced", choices=["balanced", "random"])
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def sampler_from(overrides: list[str], base):
+    """The checkpoint's sampler with ``sampler.KEY=VALUE`` overrides applied and validated."""
+    from dar.diffusion.samplers import SamplerConfig
+    from dar.training.config import from_dict
+
+    values = base.to_dict()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("sampler."):
+            raise ValueError(f"override {item!r}: `dar sample` takes sampler.KEY=VALUE overrides only")
+        values[key[len("sampler."):]] = value
+    return from_dict(SamplerConfig, values, "sampler.")
+
+
+def run(args) -> int:
+    from dar.training.runtime import Distributed
+
+    if args.out is None and args.grid is None:
+        raise ValueError("give --out DIR (an ADM .npz + JSON sidecar) and/or --grid PNG")
+    env = Distributed(args.device)
+    try:
+        return _sample(args, env)
+    finally:
+        env.close()
+
+
+def _sample(args, env) -> int:
+    from dar.generation.generate import LoadedCheckpoint, generate
+    from dar.generation.grid import save_checkpoint_grid
+    from dar.training.checkpoint import load_model, resolve_checkpoint, weights_file
+
+    # Resolved once and read once: a run dir's "latest checkpoint" must not change between the
+    # samples, their record and the grid while a training run keeps writing.
+    path = resolve_checkpoint(args.checkpoint)
+    file = weights_file(path, args.weights)
+    model, config, step = load_model(file, args.weights, env.device)
+    checkpoint = LoadedCheckpoint(model, config, step, path, file, args.weights)
+    sampler = sampler_from(args.overrides, config.sampler)
+    if args.out is not None:
+        out = generate(checkpoint, args.out, args.num, sampler, env, batch_size=args.batch_size, seed=args.seed,
+                       labels=args.labels, progress=not args.no_progress)
+        if env.is_main:
+            print(f"wrote {out} and {out.with_suffix('.json')}")
+    if args.grid is not None and env.is_main:
+        grid, info = save_checkpoint_grid(model, config, args.grid, args.num, sampler, args.seed)
+        print(f"wrote {grid} (step {step}, {sampler.method}, NFE {info['nfe']}, cfg {sampler.cfg_scale})")
+    return 0

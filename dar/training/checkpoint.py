@@ -1,0 +1,260 @@
+"""Checkpoints: a directory per step, written atomically, self-describing.
+
+    RUN/checkpoints/step_000500/
+        model.safetensors   raw weights, metadata {"dar_run_config": <json>, "step": "500"}
+        ema.safetensors     EMA weights, same metadata (what `dar sample` loads by default)
+        optimizer.pt        AdamW state (tensors and numbers only; loaded with weights_only=True)
+        rng.safetensors     process RNG states
+        state.json          step, data position and fingerprint, world size, package versions, config
+
+A checkpoint directory is assembled under a temporary name and renamed into place, so a crash never
+leaves a half-written ``step_*`` directory and the latest complete step is simply the largest one
+present; the temporary directories a crash leaves are removed by :func:`remove_partial_checkpoints`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from dar.errors import CheckpointError
+from dar.files import check_free_space, fsync_dir
+from dar.models.sit import SiT, build_model
+from dar.provenance import package_versions
+from dar.routing import upgrade_legacy_keys
+from dar.training.config import RunConfig
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+PARTIAL_DIR = re.compile(r"^\.step_\d+\.(tmp|old)-\d+$")
+FORMAT = "dar-v1"
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
+
+
+def weights_metadata(config: RunConfig, step: int) -> dict[str, str]:
+    return {"format": FORMAT, "step": str(step), "dar_run_config": config.to_json()}
+
+
+def save_weights(module: torch.nn.Module, path: Path, config: RunConfig, step: int) -> None:
+    """One self-describing safetensors file: the weights plus the run config that rebuilds the model."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(tensors, str(path), metadata=weights_metadata(config, step))
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """About what one checkpoint takes on disk: model + EMA + the optimizer's state."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                  if torch.is_tensor(t))
+    return 2 * weights + max(moments, 2 * weights)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete the temporary directories of checkpoint writes that a kill or a full disk interrupted
+    (at SiT-XL/2 size each holds gigabytes). Call only while holding the run directory's lock."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    removed = [p for p in root.iterdir() if p.is_dir() and PARTIAL_DIR.match(p.name)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    config: RunConfig,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra_state: dict,
+    keep: int = 0,
+) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    check_free_space(root, checkpoint_bytes(model, optimizer), f"the step {step} checkpoint")
+    final = root / f"step_{step:07d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_weights(model, tmp / "model.safetensors", config, step)
+        save_weights(ema, tmp / "ema.safetensors", config, step)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        state = {"format": FORMAT, "step": step, "config": config.to_dict(), "versions": package_versions(),
+                 **extra_state}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            raise CheckpointError(f"the disk holding {root} filled up while writing the step {step} checkpoint "
+                                  f"(about {checkpoint_bytes(model, optimizer) / 2**20:.0f} MB); nothing was "
+                                  "replaced: free space and rerun to continue from the last checkpoint") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # re-saving a step (e.g. after a resumed run reached it again): swap atomically
+        old = root / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    if keep > 0:
+        for stale in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir (-> its latest checkpoint), a checkpoint dir, or a .safetensors weights file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        return path
+    if (path / "state.json").exists() or (path / "ema.safetensors").exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path} holds no checkpoint (expected {path}/checkpoints/step_*/)")
+    return latest
+
+
+def weights_file(path: str | Path, which: str = "ema") -> Path:
+    """The safetensors file that :func:`load_model` reads for ``path`` (see :func:`resolve_checkpoint`)."""
+    if which not in ("ema", "model"):
+        raise ValueError(f"which={which!r} must be 'ema' or 'model'")
+    path = resolve_checkpoint(path)
+    return path if path.is_file() else path / f"{which}.safetensors"
+
+
+def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (with current key names) and metadata of a safetensors file; clear errors for missing,
+    corrupt or foreign files."""
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file {file} is missing")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return upgrade_legacy_keys(load_file(str(file))), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint file {file} is corrupt or truncated: {error}") from None
+
+
+def run_config_from_metadata(metadata: dict[str, str], file: Path) -> tuple[RunConfig, int]:
+    """The run config and step stored in a weights file's metadata, each field checked by name."""
+    if "dar_run_config" not in metadata:
+        raise CheckpointError(f"{file} has no dar_run_config metadata; is it a dar checkpoint?")
+    try:
+        stored = json.loads(metadata["dar_run_config"])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{file}: metadata field dar_run_config is not valid JSON ({error})") from None
+    try:
+        config = RunConfig.from_dict(stored)
+    except ValueError as error:
+        raise CheckpointError(f"{file}: metadata field dar_run_config is not a valid run config: {error}") from None
+    step = metadata.get("step", "-1")
+    try:
+        return config, int(step)
+    except ValueError:
+        raise CheckpointError(f"{file}: metadata field step must be an integer, got {step!r}") from None
+
+
+def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the model: missing keys {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+            f"unexpected keys {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
+        )
+    for key, value in tensors.items():
+        if value.shape != own[key].shape:
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the model"
+            )
+    module.load_state_dict(tensors)
+
+
+def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[SiT, RunConfig, int]:
+    """Rebuild a model from a checkpoint alone: (model in eval mode, its run config, step)."""
+    file = weights_file(path, which)
+    tensors, metadata = read_weights(file)
+    config, step = run_config_from_metadata(metadata, file)
+    model = build_model(config.model)
+    load_state_into(model, tensors, file)
+    return model.to(device).eval(), config, step
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint directory's state.json, with its step checked."""
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint (delete it to resume "
+                              "from the one before)")
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{state_file} is corrupt: {error}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
+        raise CheckpointError(f"{state_file}: field step must be an integer, got {state.get('step') if isinstance(state, dict) else state!r}")
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{state_file}: field config is missing or not a table")
+    return state
+
+
+def load_training_state(path: Path, model, ema, optimizer) -> dict:
+    """Restore model, EMA, optimizer and RNG from a checkpoint directory; returns state.json."""
+    state = read_state(path)
+    for name, module in (("model", model), ("ema", ema)):
+        tensors, _ = read_weights(path / f"{name}.safetensors")
+        load_state_into(module, tensors, path / f"{name}.safetensors")
+    optimizer_file = path / "optimizer.pt"
+    try:
+        optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(optimizer_state)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, i.e. running code from the file: never
+        raise CheckpointError(f"{optimizer_file} holds objects other than tensors and numbers; refusing to "
+                              "unpickle it (it was not written by dar, or was tampered with)") from None
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{optimizer_file} is missing, corrupt or does not fit: {reason}") from None
+    rng, _ = read_weights(path / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
