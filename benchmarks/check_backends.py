@@ -1,8 +1,8 @@
 """Whole-model agreement of the routing backends: one training loss, its velocity and every gradient.
 
 tests/test_kernels.py checks the aggregation op alone on small shapes; this checks a full SiT (the
-bench presets, real widths such as D = 1152) under the precision a run would use, which is what a
-GPU session should confirm before trusting any timing of the fused kernel:
+bench presets, real widths such as D = 1152) under the precision a run would use, which is what to
+confirm on a GPU before trusting any timing of the fused kernel:
 
     python benchmarks/check_backends.py --preset cpu --backends torch,recompute
     python benchmarks/check_backends.py --preset sit-xl2 --device cuda --precision bf16 --backends torch,triton

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should confirm, in one prepared run that fits a short lease (about 7-8 minutes on
+# Everything to confirm on a GPU, in one prepared run of about 7-8 minutes (on
 # an H100; every step has its own time limit and the run stops starting steps at $BUDGET_S):
 #   1. the fused Triton kernels, compiled natively, against the PyTorch path (tests/test_kernels.py);
 #   2. whole-model agreement of the backends at SiT-XL/2 width, fp32 and bf16 (check_backends.py);

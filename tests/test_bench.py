@@ -102,7 +102,7 @@ def test_activation_count_frees_what_it_counted():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_backend_check_script_passes_on_agreeing_backends(precision, tmp_path, capsys):
-    """benchmarks/check_backends.py is what a GPU session runs first; keep it working. In bf16 it also
+    """benchmarks/check_backends.py is the first check on a GPU; keep it working. In bf16 it also
     runs the model under autocast with the fused (recompute) backend."""
     check = load_script("check_backends")
     report = tmp_path / "check.json"

@@ -38,8 +38,7 @@ def sample_args(run_dir, out, num=12, batch_size=3):
             "--no-progress", *SAMPLER]
 
 
-@pytest.mark.parametrize("option,value", [("--num", "0"), ("--num", "-3"), ("--batch-size", "0"),
-                                          ("--num", "ten")])
+@pytest.mark.parametrize("option,value", [("--num", "0"), ("--num", "-3"), ("--batch-size", "0")])
 def test_counts_must_be_positive_integers(run_dir, tmp_path, capsys, option, value):
     args = sample_args(run_dir, tmp_path / "s")
     args[args.index(option) + 1] = value

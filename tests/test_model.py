@@ -323,7 +323,7 @@ def test_routing_stream_stores_token_major_sources():
     sublayer inputs: the history is stored token-major."""
     from dar.routing import DepthRouter
 
-    router = DepthRouter(8, 2, RoutingConfig(query="static"))
+    router = DepthRouter(8, 2, RoutingConfig(query="static", chunk_size=2))
     v0 = torch.randn(2, 8, 5).transpose(1, 2)  # [B, T, D] view of a [B, D, T] tensor
     stream = router.begin(v0)
     for _ in range(2):

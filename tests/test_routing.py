@@ -151,7 +151,7 @@ def test_zero_initialised_router_is_uniform_and_residual_is_a_sum(query):
 
 
 def test_static_t_requires_the_timestep_embedding():
-    router = DepthRouter(8, 2, RoutingConfig(query="static_t"))
+    router = DepthRouter(8, 2, RoutingConfig(query="static_t", chunk_size=2))
     with pytest.raises(ValueError, match="t_emb"):
         router.begin(torch.randn(1, 2, 8))
 

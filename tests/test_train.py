@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from dar.training.checkpoint import CheckpointError, latest_checkpoint, load_model
 from dar.training.config import resolve
 from dar.training.trainer import TrainingDiverged, train
-from tolerances import assert_close_scaled
 
 TINY = ["model.arch=SiT-Pico/8", "train.global_batch=8", "train.ckpt_every=0", "train.sample_every=0",
         "train.log_every=1", "train.keep_checkpoints=0"]
@@ -95,7 +94,8 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), config, tmp_path / "ddp"), nprocs=2, join=True)
     single, ddp = weights(tmp_path / "single"), weights(tmp_path / "ddp")
     for k in single:
-        assert_close_scaled(ddp[k], single[k], rtol=1e-4)
+        # relative to the tensor, or to one step's update (lr) for tensors that start at zero
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-3 * config.train.lr)
     with pytest.raises(mp.ProcessRaisedException, match="not divisible by 2 processes"):
         mp_config = tiny_config("train.global_batch=7")
         mp.spawn(_ddp_worker, args=(2, _free_port(), mp_config, tmp_path / "odd"), nprocs=2, join=True)

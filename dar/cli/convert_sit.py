@@ -26,6 +26,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     """The official file is read with ``weights_only=True`` (never unpickled as code)."""
+    import pickle
+
     import torch
 
     from dar.files import atomic_path
@@ -36,9 +38,11 @@ def run(args) -> int:
     config = resolve(args.preset, [f"model.arch={args.arch}", "model.routing.mode=residual", *args.overrides])
     try:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for unreadable/unsafe files
-        reason = str(error).splitlines()[0]
-        raise ValueError(f"cannot read {args.checkpoint} as a plain state dict of tensors ({reason})") from None
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False, i.e. running the file's code
+        raise ValueError(f"cannot read {args.checkpoint}: it holds objects other than tensors and numbers, "
+                         "and is refused (never unpickled as code)") from None
+    except Exception as error:  # torch raises several types for unreadable files
+        raise ValueError(f"cannot read {args.checkpoint} as a state dict of tensors ({type(error).__name__})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{args.checkpoint} holds a {type(state).__name__}, not a state dict")
     model = build_model(config.model)

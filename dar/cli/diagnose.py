@@ -9,8 +9,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from dar.data import SPLITS
 
 EPILOG = """examples:
@@ -95,6 +93,7 @@ def default_name(record: dict) -> str:
 def run(args) -> int:
     from dar.provenance import package_versions
     from dar.training.checkpoint import load_model
+    from dar.training.runtime import resolve_device
     from dar.study.diagnostics import DiagnoseSettings, diagnose_model, make_t_grid, settings_record
     from dar.study.plots import write_figures
 
@@ -104,9 +103,7 @@ def run(args) -> int:
                                 probe_samples=args.probe_samples, split=args.split, seed=args.seed, layers=args.layers)
     grid = settings.t_grid
     overview_t = grid[len(grid) // 2] if args.overview_t is None else min(grid, key=lambda t: abs(t - args.overview_t))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available")
+    device = str(resolve_device(args.device))
 
     entries = []
     for n, path in enumerate(args.checkpoints):

@@ -1,5 +1,5 @@
 """Controlled experiments: several variants x seeds, identical data order and hyper-parameters,
-periodic in-domain evaluation, resumable across sessions, and a report.
+periodic in-domain evaluation, resumable after any interruption, and a report.
 
 An experiment file (TOML) names a preset, shared overrides, and groups of variants:
 

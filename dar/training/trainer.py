@@ -50,8 +50,8 @@ from dar.training.runtime import (
 # Config fields that may differ when a run is resumed: they change bookkeeping, not the trajectory.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                      "train.eval_every", "train.eval_samples", "train.keep_checkpoints", "train.compile",
-                     "train.grad_checkpointing", "train.routing_backend", "data.num_workers",
-                     "data.path"}  # data.path: only to the same data (checked by fingerprint)
+                     "train.grad_checkpointing", "train.routing_backend", "data.num_workers", "data.bad_images",
+                     "data.path"}  # data.path, data.bad_images: only to the same data (checked by fingerprint)
 
 
 def make_step_inputs(dataset, sampler: EpochSampler, config: RunConfig, step: int, num_classes: int):
@@ -208,7 +208,8 @@ class Trainer:
             raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by {env.world_size} processes")
         self.config, self.run_dir, self.env, self.progress = config, run_dir, env, progress
         self.local_batch = tc.global_batch // env.world_size
-        self.dataset = make_dataset(config.data.name, config.data.path, "train", config.data.image_size)
+        self.dataset = make_dataset(config.data.name, config.data.path, "train", config.data.image_size,
+                                    bad_images=config.data.bad_images)
         _check_data_fits_model(self.dataset, config)
         torch.manual_seed(tc.seed)
         self.model = build_model(config.model).to(env.device)
