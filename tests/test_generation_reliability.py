@@ -141,3 +141,26 @@ def test_full_disk_while_writing_the_record_leaves_the_previous_one(run_dir, tmp
     monkeypatch.undo()
     assert (out / "samples.json").read_text() == before
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
+
+
+def test_grid_never_opens_the_data_path_a_checkpoint_names(run_dir, tmp_path, monkeypatch, capsys):
+    """A weights file's metadata comes from whoever wrote it: its data path is never read."""
+    from safetensors.torch import save_file
+
+    import dar.data
+    import dar.data.datasets as datasets
+
+    tensors, metadata = checkpoint_module.read_weights(latest_checkpoint(run_dir) / "ema.safetensors")
+    stored = json.loads(metadata["dar_run_config"])
+    stored["data"] = {**stored["data"], "name": "imagefolder", "path": "/etc", "image_size": 32}
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(tensors, str(foreign), metadata={**metadata, "dar_run_config": json.dumps(stored)})
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the grid read a dataset")
+
+    for module in (dar.data, datasets):
+        monkeypatch.setattr(module, "make_dataset", forbidden)
+        monkeypatch.setattr(module, "ImageFolderDataset", forbidden)
+    assert main(["sample", str(foreign), "--num", "20", "--grid", str(tmp_path / "g.png"), *SAMPLER]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 0
