@@ -75,3 +75,13 @@ def test_no_import_cycles():
     for module in edges:
         if module not in state:
             visit(module, [module])
+
+
+@pytest.mark.parametrize("script", sorted((PACKAGE.parent / "benchmarks").glob("*.py"))
+                         + sorted((PACKAGE.parent / "scripts").glob("*.py")), ids=lambda p: p.name)
+def test_every_script_imports_what_exists(script):
+    """Benchmarks and scripts sit outside the package: a moved module must not break them silently."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{script.stem}", script)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
