@@ -8,6 +8,7 @@ Modules, one idea each:
 * :mod:`~dar.evaluate.features`    :class:`FeatureExtractor`, the common interface of both networks;
 * :mod:`~dar.evaluate.reference`   reference statistics (built-in splits, ADM .npz, ``--make-ref`` files);
 * :mod:`~dar.evaluate.evaluator`   :func:`evaluate_samples` and the cached :class:`InDomainEvaluator`;
+* :mod:`~dar.evaluate.checks`      input checks of ``dar eval`` (image count, shape, pixel values);
 * :mod:`~dar.cli.eval`         ``dar eval``.
 
 See docs/EVALUATION.md for how every number is computed and how it relates to published ones.

@@ -11,7 +11,8 @@ metrics consume:
 It also says what its numbers must be called (:attr:`FeatureExtractor.metric_names`): the Fréchet
 distance on Inception features is "fid", on the Fashion-MNIST classifier's it is "fd_fmnist", so an
 in-domain number can never be mistaken for an ImageNet FID. Every extractor carries the SHA-256 of
-its weight file, which every result records.
+its weight file, which every result records, and says how many images it needs at least
+(:func:`minimum_images`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from dar.provenance import file_sha256
 
 EXTRACTORS: tuple[str, ...] = ("inception", "fmnist-classifier")
 """Names accepted by :func:`make_feature_extractor`."""
-
-
 
 
 @contextlib.contextmanager
@@ -76,6 +75,9 @@ class FeatureExtractor(ABC):
             outputs are the TF graph's classes, not ImageNet label ids).
         has_spatial: whether ``extract`` returns ``spatial``.
         default_batch_size: images per forward pass when the caller does not choose.
+        feature_dim: length of the ``pool`` feature vector (see :func:`minimum_images`).
+        weights_verified: whether the weight file's SHA-256 is that of the published file the
+            extractor stands for; ``None`` where there is none to compare with.
     """
 
     name: str
@@ -83,6 +85,8 @@ class FeatureExtractor(ABC):
     class_names: tuple[str, ...] | None
     has_spatial: bool
     default_batch_size: int
+    feature_dim: int
+    weights_verified: bool | None = None
 
     def __init__(self, weights_path: Path, device: str | torch.device):
         self.weights_path = Path(weights_path)
@@ -125,10 +129,22 @@ class InceptionFeatureExtractor(FeatureExtractor):
     class_names = None
     has_spatial = True
     default_batch_size = 100
+    feature_dim = inception.POOL_DIM
 
-    def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        allow_unknown_weights: bool = False,
+    ):
+        """``allow_unknown_weights``: accept a weight file of the right layout that is not pytorch-fid's
+        (:func:`dar.evaluate.inception.check_known_weights`); :attr:`weights_verified` records which."""
         super().__init__(inception.resolve_weights_path(weights), device)
         self.model = inception.load_fid_inception(self.weights_path, self.device)
+        self.weights_verified = inception.check_known_weights(
+            self.weights_path, self.weights_sha256, allow_unknown=allow_unknown_weights
+        )
 
     def _forward(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         return self.model(inception.preprocess(images, self.device))
@@ -136,6 +152,7 @@ class InceptionFeatureExtractor(FeatureExtractor):
     def describe(self) -> dict:
         return {
             **super().describe(),
+            "weights_verified": self.weights_verified,  # SHA-256 == pytorch-fid's file
             "preprocessing": "u/255, F.interpolate to 299x299 (bilinear, align_corners=False, no antialias), 2x-1 "
             "(pytorch-fid); grayscale repeated to RGB",
             "pool": "pool_3 [2048]",
@@ -152,6 +169,7 @@ class FashionMNISTFeatureExtractor(FeatureExtractor):
     class_names = FASHION_MNIST_CLASSES
     has_spatial = False
     default_batch_size = 1000
+    feature_dim = classifier.FEATURE_DIM
 
     def __init__(self, weights: str | Path = classifier.CLASSIFIER_PATH, device: str | torch.device = "cpu"):
         super().__init__(weights, device)
@@ -175,14 +193,43 @@ class FashionMNISTFeatureExtractor(FeatureExtractor):
         }
 
 
+_CLASSES: dict[str, type[FeatureExtractor]] = {
+    "inception": InceptionFeatureExtractor,
+    "fmnist-classifier": FashionMNISTFeatureExtractor,
+}
+
+
+def _extractor_class(name: str) -> type[FeatureExtractor]:
+    if name not in _CLASSES:
+        raise ValueError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
+    return _CLASSES[name]
+
+
+def minimum_images(name: str) -> int:
+    """Fewest images an evaluation (or reference) with extractor ``name`` should rest on: one more
+    than the feature dimension (2,049 for Inception, 129 for the classifier).
+
+    The covariance of N feature vectors has rank at most N - 1, so below D + 1 images it is singular:
+    the Fréchet distance then measures mostly how few images there were, and precision/recall and
+    KID are just as unstable. It is a floor, not a recommendation: FID papers use 50,000 images.
+    """
+    return _extractor_class(name).feature_dim + 1
+
+
 def make_feature_extractor(
-    name: str, *, device: str | torch.device = "cpu", inception_weights: str | Path | None = None
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    inception_weights: str | Path | None = None,
+    allow_unknown_weights: bool = False,
 ) -> FeatureExtractor:
-    """Build an extractor by name (:data:`EXTRACTORS`); ``inception_weights`` only applies to "inception"."""
-    if name == "inception":
-        return InceptionFeatureExtractor(inception_weights, device)
+    """Build an extractor by name (:data:`EXTRACTORS`); ``inception_weights`` and ``allow_unknown_weights``
+    (accept Inception weights that are not pytorch-fid's file) only apply to "inception"."""
+    cls = _extractor_class(name)
+    if cls is InceptionFeatureExtractor:
+        return InceptionFeatureExtractor(inception_weights, device, allow_unknown_weights=allow_unknown_weights)
     if inception_weights is not None:
         raise ValueError(f"inception_weights was given, but the {name!r} extractor does not use Inception")
-    if name == "fmnist-classifier":
-        return FashionMNISTFeatureExtractor(device=device)
-    raise ValueError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
+    if allow_unknown_weights:
+        raise ValueError(f"allow_unknown_weights applies to Inception weights; the {name!r} extractor has none")
+    return cls(device=device)

@@ -31,14 +31,17 @@ what that means for comparing numbers with ADM's.
 
 Weights: ``--inception-weights PATH`` / ``$DAR_INCEPTION_WEIGHTS`` / the torch hub cache (where
 pytorch-fid caches the same file) / a download of :data:`FID_WEIGHTS_URL`, in that order
-(:func:`resolve_weights_path`). Loading uses ``torch.load(weights_only=True)``: no code in a weight
-file is ever executed.
+(:func:`resolve_weights_path`). Loading uses ``torch.load(weights_only=True)`` (or safetensors for a
+``.safetensors`` file): no code in a weight file is ever executed. The file is identified by its
+SHA-256 (:data:`FID_WEIGHTS_SHA256`, :func:`check_known_weights`): other values in the same shapes
+give other numbers, which must not be called FID.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -46,11 +49,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+"""SHA-256 of pytorch-fid's file (95,628,359 bytes). pytorch-fid's code names only its first 8 hex digits
+(``6726825d`` in the file name, torch hub's convention); the full digest is the one other projects pin
+for the file at :data:`FID_WEIGHTS_URL`, and it starts with those digits."""
 WEIGHTS_ENV_VAR = "DAR_INCEPTION_WEIGHTS"
 
 INPUT_SIZE = 299
@@ -315,8 +324,9 @@ def resolve_weights_path(weights: str | Path | None = None, *, download: bool = 
         raise InceptionWeightsError(_missing_weights_message("no path given and nothing in the torch hub cache"))
     cached.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(cached), progress=True)
-    except OSError as e:  # URLError, HTTPError, timeouts and DNS failures are all OSErrors
+        # hash_prefix: a damaged or substituted download is deleted instead of landing in the cache
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(cached), hash_prefix=FID_WEIGHTS_SHA256, progress=True)
+    except (OSError, RuntimeError) as e:  # OSError: URLError, HTTPError, timeouts, DNS; RuntimeError: wrong hash
         raise InceptionWeightsError(_missing_weights_message(f"download failed: {e}")) from e
     return cached
 
@@ -328,20 +338,56 @@ def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header length, then JSON."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_error(path: Path, error: Exception) -> InceptionWeightsError:
+    """Our message for a weight file that cannot be read. torch's own text is not passed on where it
+    suggests retrying with ``weights_only=False``: that would run code from an unknown file."""
+    expected = f"Expected {FID_WEIGHTS_FILENAME} from {FID_WEIGHTS_URL}"
+    text = str(error)
+    pickled_object = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if pickled_object:
+        return InceptionWeightsError(
+            f"{path}: the file holds non-tensor Python objects ({pickled_object.group(1)}), which are refused: "
+            f"loading them could run code from the file. {expected}"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # the cause, without torch's advice
+    reason = detail.group(1) if detail else (text.strip().splitlines() or [""])[0]
+    if "weights_only" in reason or "Weights only" in reason:
+        reason = "not a plain tensor state dict"
+    return InceptionWeightsError(
+        f"{path}: cannot read the Inception weight file; it is truncated, corrupt or not a PyTorch or safetensors "
+        f"state dict ({type(error).__name__}: {reason}). {expected}"
+    )
+
+
+def _read_state(path: Path) -> object:
+    """The object stored in a weight file: safetensors by content (whatever the file is called),
+    otherwise ``torch.load(weights_only=True)``."""
+    try:
+        if _is_safetensors(path) or path.suffix == ".safetensors":
+            return load_safetensors(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError
+    ) as e:  # fmt: skip
+        raise _read_error(path, e) from e
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read and validate a pytorch-fid format weight file (``torch.load(weights_only=True)``).
+    """Read and validate a pytorch-fid format weight file (``.pth`` or ``.safetensors``).
 
     Every expected tensor must be present with its exact shape and nothing else may be there,
     except BatchNorm ``num_batches_tracked`` counters, which older files lack and eval mode ignores.
+    Whether the values are pytorch-fid's is :func:`check_known_weights`' question.
     """
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise InceptionWeightsError(
-            f"{path}: cannot read the Inception weight file; it is truncated, corrupt or not a PyTorch "
-            f"state dict ({type(e).__name__}: {e}). Expected {FID_WEIGHTS_FILENAME} from {FID_WEIGHTS_URL}"
-        ) from e
+    state = _read_state(path)
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise InceptionWeightsError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
@@ -375,3 +421,22 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
     result = model.load_state_dict(load_state_dict(path), strict=False)
     assert not result.unexpected_keys and all(k.endswith("num_batches_tracked") for k in result.missing_keys)
     return model.eval().requires_grad_(False).to(device)
+
+
+def check_known_weights(path: str | Path, sha256: str, *, allow_unknown: bool = False) -> bool:
+    """Whether the file with digest ``sha256`` is pytorch-fid's FID Inception; raise unless it is or
+    ``allow_unknown``.
+
+    The shape check in :func:`load_state_dict` cannot tell the FID network from another Inception-V3
+    (torchvision's, a fine-tuned one, random weights) saved in the same layout; only the bytes can.
+    """
+    if sha256 == FID_WEIGHTS_SHA256:
+        return True
+    if allow_unknown:
+        return False
+    raise InceptionWeightsError(
+        f"{path}: SHA-256 {sha256} is not that of the FID Inception weights {FID_WEIGHTS_FILENAME} "
+        f"(SHA-256 {FID_WEIGHTS_SHA256}). The tensors fit the network, but other values give numbers that are "
+        f"not FID. Use the file from {FID_WEIGHTS_URL}, or pass --allow-unknown-weights (allow_unknown_weights=True "
+        "in Python) to measure with these weights anyway; the result then records their SHA-256 and a warning."
+    )

@@ -17,10 +17,14 @@ An ADM statistics-only ``.npz`` (``mu``, ``sigma``, ``mu_s``, ``sigma_s``)
     FID and sFID only.
 A file written by :func:`save_reference` (``dar eval IMAGES --make-ref OUT``)
     ``mu``/``sigma``/``mu_s``/``sigma_s`` under ADM's names, ``features`` and a JSON ``meta``
-    record naming the extractor and its weights' SHA-256, which must match at evaluation time.
+    record naming the extractor and its weights' SHA-256, which must match at evaluation time, and
+    the shape of the images the statistics come from (files written before it was recorded lack it).
 
 Statistics without such a record (ADM's files) are taken to be Inception pool_3/mixed_6 statistics
 from ADM's TensorFlow graph and are only used with the "inception" extractor.
+
+:func:`reference_images` says how many images of which shape stand behind a reference without
+computing anything, so ``dar eval`` can refuse a mismatch before the expensive part.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from dar.data import PADDED_SIZE, load_builtin_arrays
 from dar.evaluate.features import FeatureExtractor, file_sha256
 from dar.evaluate.metrics import feature_statistics, knn_radii
+from dar.files import atomic_path
 
 REFERENCE_FORMAT = "dar-reference-v1"
 BUILTIN_REFERENCES: tuple[str, ...] = ("builtin-train", "builtin-test")
@@ -54,6 +60,7 @@ class ReferenceStatistics:
     ``extractor``/``weights_sha256`` name the network that produced the statistics (``None`` sha for
     statistics stored by ADM's TensorFlow evaluator); ``features`` are the pool features of the
     reference images, or ``None`` when only moments are known (no precision/recall/KID then).
+    ``image_shape`` is ``[H, W, C]`` of the reference images, ``None`` where unknown (ADM statistics).
     """
 
     description: str
@@ -65,6 +72,7 @@ class ReferenceStatistics:
     sigma_spatial: np.ndarray | None = None
     features: np.ndarray | None = None
     num_images: int | None = None
+    image_shape: tuple[int, ...] | None = None
     statistics_source: str = "computed from the reference images"
     file_sha256: str | None = None
     metadata: dict = dataclasses.field(default_factory=dict)
@@ -101,6 +109,7 @@ class ReferenceStatistics:
             "source": self.description,
             "file_sha256": self.file_sha256,
             "num_images": self.num_images,
+            "image_shape": None if self.image_shape is None else list(self.image_shape),
             "extractor": self.extractor,
             "weights_sha256": self.weights_sha256,
             "statistics": self.statistics_source,
@@ -132,6 +141,7 @@ def make_reference(
         sigma_spatial=sigma_s,
         features=features["pool"],
         num_images=len(images),
+        image_shape=tuple(images.shape[1:]),
     )
 
 
@@ -142,6 +152,7 @@ def save_reference(reference: ReferenceStatistics, path: str | Path, extractor: 
         "format": REFERENCE_FORMAT,
         "description": reference.description,
         "num_images": reference.num_images,
+        **({"image_shape": list(reference.image_shape)} if reference.image_shape is not None else {}),
         "extractor": extractor.describe(),
         **({"source_file_sha256": reference.file_sha256} if reference.file_sha256 else {}),
         **reference.metadata,
@@ -154,10 +165,10 @@ def save_reference(reference: ReferenceStatistics, path: str | Path, extractor: 
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"reference output must be a .npz file, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)  # never leave a half-written reference behind
+    # never leave a half-written reference behind; a handle, because np.savez appends ".npz" to a
+    # file *name* that lacks it (the temporary name does)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
     return path
 
 
@@ -205,6 +216,37 @@ def stored_extractor_name(path: str | Path) -> str | None:
         return json.loads(str(archive["meta"][()]))["extractor"]["name"]
 
 
+def reference_images(source: str | Path) -> tuple[int | None, tuple[int, ...] | None]:
+    """``(number, [H, W, C])`` of the images behind a reference, ``None`` for what is not known (ADM
+    statistics record neither; older ``--make-ref`` files no shape). Reads array headers and the
+    ``meta`` record only: no image is loaded and no feature computed."""
+    if str(source) in BUILTIN_REFERENCES:
+        raw, _, _ = load_builtin_arrays(str(source).removeprefix("builtin-"))
+        return len(raw), (PADDED_SIZE, PADDED_SIZE, 1)  # as builtin_images() pads them
+    path = Path(source)
+    with _open_npz(path) as archive:
+        if "meta" in archive.files:
+            meta = json.loads(str(archive["meta"][()]))
+            shape = meta.get("image_shape")
+            return meta.get("num_images"), tuple(shape) if shape is not None else None
+        if "arr_0" not in archive.files:
+            return None, None
+    shape = _npz_array_shape(path, "arr_0")
+    return shape[0], tuple(shape[1:])
+
+
+def _npz_array_shape(path: Path, key: str) -> tuple[int, ...]:
+    """Shape of one array in an .npz, from its .npy header (a 50k-image reference is ~10 GB)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+            npy = np.lib.format
+            version = npy.read_magic(f)
+            shape, _, _ = (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(f)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: cannot read the header of {key} ({type(e).__name__}: {e})") from e
+    return tuple(shape)
+
+
 def load_reference(
     source: str | Path,
     extractor: FeatureExtractor,
@@ -243,6 +285,7 @@ def load_reference(
             sigma_spatial=stored.get("sigma_s"),
             features=stored.get("features"),
             num_images=meta.get("num_images"),
+            image_shape=tuple(meta["image_shape"]) if meta.get("image_shape") is not None else None,
             statistics_source=f"stored by dar eval --make-ref ({meta.get('description')})",
             file_sha256=sha,
         )
@@ -278,6 +321,7 @@ def load_reference(
         sigma_spatial=stored.get("sigma_s"),
         features=computed.features if computed is not None else None,
         num_images=computed.num_images if computed is not None else None,
+        image_shape=computed.image_shape if computed is not None else None,
         statistics_source="mu/sigma stored in the file (ADM reference batch, TensorFlow Inception graph)"
         + ("; precision/recall/KID points computed from its arr_0 images" if computed is not None else ""),
         file_sha256=sha,
