@@ -120,8 +120,9 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __getitem__(self, i) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
 
-    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather ``x [B, C, H, W]`` and ``y [B]`` for a 1-D tensor of indices."""
+    def get_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather ``x [B, C, H, W]`` and ``y [B]`` for a 1-D tensor of indices (nothing is random here)."""
         return self.images[indices], self.labels[indices]
 
     def fingerprint(self) -> str:

@@ -11,7 +11,6 @@ storage.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time

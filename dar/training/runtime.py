@@ -20,6 +20,7 @@ class Stream(enum.IntEnum):
 
     TRAIN_STEP = 0  # index = step: examples' flips, label drops, t, noise
     TRAIN_EPOCH = 1  # index = epoch: the data permutation
+    TRAIN_LATENTS = 2  # index = step: latents drawn from stored VAE posteriors
     SAMPLE_NOISE = 10  # index = sample: the initial noise of `dar sample`
     SAMPLE_LABELS = 11  # the labels of `dar sample --labels random`
     SAMPLE_SDE = 12  # index = shard: the SDE's Brownian increments
@@ -125,9 +126,12 @@ class EpochSampler:
         return torch.stack([self.permutation(int(e))[o] for e, o in zip(epochs, offsets)])
 
 
-def load_batch(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x [B, C, H, W], y [B])`` of the examples at ``indices``, in one gather when the dataset can."""
+def load_batch(dataset, indices: torch.Tensor, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [B, C, H, W], y [B])`` of the examples at ``indices``, in one gather when the dataset can
+    (``dataset.get_batch(indices, generator)``; a dataset that draws, e.g. latents from stored posterior
+    moments, draws from ``generator``)."""
     if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(indices)
+        return dataset.get_batch(indices, generator)
     items = [dataset[int(i)] for i in indices]
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -37,11 +36,11 @@ from dar.training.checkpoint import (
     save_checkpoint,
 )
 from dar.training.config import RunConfig
+from dar.training.monitors import PeriodicEval, SampleGrid
 from dar.training.runtime import (
     Distributed,
     EpochSampler,
     Stream,
-    fixed_noise_generator,
     load_batch,
     seeded_generator,
 )
@@ -57,7 +56,7 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "trai
 def make_step_inputs(dataset, sampler: EpochSampler, config: RunConfig, step: int, num_classes: int):
     """Everything random about step ``step`` for the whole global batch: (x1, y, x0, t)."""
     g = seeded_generator(config.train.seed, step, Stream.TRAIN_STEP)
-    x1, y = load_batch(dataset, sampler.indices(step))
+    x1, y = load_batch(dataset, sampler.indices(step), seeded_generator(config.train.seed, step, Stream.TRAIN_LATENTS))
     B = x1.shape[0]
     if config.data.hflip:
         flip = torch.rand(B, generator=g) < 0.5
@@ -302,8 +301,8 @@ class Trainer:
         sampler = EpochSampler(len(self.dataset), tc.global_batch, tc.seed)
         autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
                     else contextlib.nullcontext())
-        grids = _SampleGrid(config, self.dataset, env, run_dir) if env.is_main and tc.sample_every else None
-        evaluator = _PeriodicEval(config, env) if env.is_main and tc.eval_every else None
+        grids = SampleGrid(config, self.dataset, env, run_dir) if env.is_main and tc.sample_every else None
+        evaluator = PeriodicEval(config, env) if env.is_main and tc.eval_every else None
         report = ProgressReport(env.is_main and self.progress, tc.steps, step)
 
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -393,59 +392,3 @@ def _check_data_fits_model(dataset, config: RunConfig) -> None:
         problems.append(f"model.num_classes={m.num_classes} but the data has {dataset.num_classes} classes")
     if problems:
         raise ValueError("data and model disagree: " + "; ".join(problems))
-
-
-class _SampleGrid:
-    """EMA samples on fixed noise and labels (8 per class, at most 10 classes), saved as labelled PNGs
-    under RUN/samples/. Latent models need a VAE decoder to show pixels, so they get no grid."""
-
-    def __init__(self, config: RunConfig, dataset, env: Distributed, run_dir: Path):
-        m = config.model
-        self.config, self.env, self.run_dir = config, env, run_dir
-        classes = min(m.num_classes, 10)
-        self.labels = torch.arange(classes).repeat_interleave(8)
-        g = fixed_noise_generator(config.train.seed, "sample_grid")
-        self.noise = torch.randn(len(self.labels), m.in_channels, m.input_size, m.input_size, generator=g)
-        self.class_names = list(dataset.class_names)[:classes]
-        self.enabled = m.in_channels in (1, 3)
-
-    def save(self, ema, step: int) -> Path | None:
-        from dar.data import save_labelled_grid, to_uint8
-        from dar.diffusion.samplers import sample
-
-        if not self.enabled:
-            return None
-        x, _ = sample(ema, self.noise.to(self.env.device), self.labels.to(self.env.device), self.config.sampler)
-        return save_labelled_grid(to_uint8(x.cpu()), self.labels.tolist(), self.class_names,
-                                  self.run_dir / "samples" / f"step_{step:07d}.png")
-
-
-class _PeriodicEval:
-    """FD-FMNIST / precision / recall / class accuracy of EMA samples, for FID-vs-iteration curves.
-    Uses the in-domain classifier shipped for the built-in dataset; fixed noise and balanced labels."""
-
-    def __init__(self, config: RunConfig, env: Distributed):
-        from dar.evaluate import InDomainEvaluator
-
-        m = config.model
-        self.config, self.env = config, env
-        self.evaluator = InDomainEvaluator()
-        n = config.train.eval_samples
-        self.labels = torch.arange(n) % m.num_classes
-        g = fixed_noise_generator(config.train.seed, "periodic_eval")
-        self.noise = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=g)
-
-    def __call__(self, ema) -> dict:
-        from dar.data import to_uint8
-        from dar.diffusion.samplers import sample
-
-        started = time.perf_counter()
-        images, nfe = [], 0
-        for noise, labels in zip(self.noise.split(256), self.labels.split(256)):
-            x, info = sample(ema, noise.to(self.env.device), labels.to(self.env.device), self.config.sampler)
-            images.append(to_uint8(x.cpu()))
-            nfe = info["nfe"]
-        metrics = self.evaluator(np.concatenate([np.asarray(i) for i in images]), self.labels.numpy())
-        return {**{f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
-                "eval/num_samples": len(self.labels), "eval/nfe": nfe, "eval/sampler": self.config.sampler.method,
-                "eval/seconds": time.perf_counter() - started}
