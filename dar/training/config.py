@@ -21,6 +21,7 @@ from dar.routing import BACKENDS, RoutingConfig
 from dar.diffusion.samplers import SamplerConfig
 
 PRECISIONS = ("fp32", "bf16")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class DataConfig:
     hflip: bool = True  # random horizontal flips (ADM/SiT); the trainer draws them from the step seed
     num_workers: int = 0
     bad_images: str = "error"  # imagefolder files PIL cannot read: error (list them) | skip (leave out, report)
+    # latent data: the VAE (local diffusers folder or hub id) that decodes samples to pixels for grids
+    vae: str | None = None
 
     def __post_init__(self):
         if self.bad_images not in BAD_IMAGE_POLICIES:
@@ -43,6 +46,7 @@ class DataConfig:
 class TrainConfig:
     steps: int = 3000
     global_batch: int = 32  # split evenly across processes
+    parallel: str = "ddp"  # with several processes: ddp (replicated) | fsdp (FSDP2, sharded per block)
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -67,6 +71,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"train.parallel={self.parallel!r} is not one of {', '.join(PARALLEL_MODES)}")
         if self.routing_backend not in BACKENDS:
             raise ValueError(f"train.routing_backend={self.routing_backend!r} is not one of {', '.join(BACKENDS)}")
         for name in ("steps", "global_batch", "log_every"):

@@ -49,7 +49,8 @@ from dar.training.runtime import (
 # Config fields that may differ when a run is resumed: they change bookkeeping, not the trajectory.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                      "train.eval_every", "train.eval_samples", "train.keep_checkpoints", "train.compile",
-                     "train.grad_checkpointing", "train.routing_backend", "data.num_workers", "data.bad_images",
+                     "train.grad_checkpointing", "train.routing_backend", "train.parallel", "data.num_workers",
+                     "data.bad_images", "data.vae",
                      "data.path"}  # data.path, data.bad_images: only to the same data (checked by fingerprint)
 
 
