@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "sample", "eval", "info", "diagnose", "bench", "experiment", "convert_sit")
+COMMANDS = ("train", "sample", "eval", "info", "diagnose", "bench", "experiment", "convert_sit", "prepare_latents")
 
 EXAMPLES = """examples:
   dar train                                    # DAR (static_t, c4) on the built-in Fashion-MNIST

@@ -1,5 +1,5 @@
-"""Data in model space: datasets (:mod:`dar.data.datasets`) and pixel conversions and sample grids
-(:mod:`dar.data.images`)."""
+"""Data in model space: datasets (:mod:`dar.data.datasets`), pre-computed VAE latents
+(:mod:`dar.data.latents`) and pixel conversions and sample grids (:mod:`dar.data.images`)."""
 
 from dar.data.datasets import (
     BACKGROUND,
@@ -20,6 +20,7 @@ from dar.data.datasets import (
     read_idx,
 )
 from dar.data.images import pad_square, save_labelled_grid, to_uint8, uint8_to_model
+from dar.data.latents import STORE_MODES, LatentShards
 
 __all__ = [
     "BACKGROUND",
@@ -29,8 +30,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "PADDED_SIZE",
     "SPLITS",
+    "STORE_MODES",
     "ArrayDataset",
     "ImageFolderDataset",
+    "LatentShards",
     "center_crop_arr",
     "find_idx_file",
     "load_builtin_arrays",

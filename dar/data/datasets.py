@@ -6,9 +6,9 @@ Every dataset yields ``(x, y)`` pairs in *model space*: ``x`` is a float32 ``[C,
 * Pixel datasets map uint8 pixels ``u`` to ``x = u / 127.5 - 1``, i.e. exactly onto ``[-1, 1]``,
   the range the diffusion prior (unit Gaussian noise) is calibrated for. :func:`to_uint8` is the
   inverse and produces the ADM sample format (uint8 NHWC) used by FID reference batches.
-* Latent datasets hold VAE latents exactly as stored on disk; no rescaling happens here. Store
-  them already multiplied by the VAE's scale factor (``0.18215`` for the SD-VAE used by DiT/SiT)
-  so that their variance is close to one.
+* Latent datasets yield VAE latents times the VAE's scale factor (``0.18215`` for the SD-VAE used
+  by DiT/SiT), so that their variance is close to one: a ``dar prepare-latents`` directory applies the
+  factor its manifest records; plain safetensors files must hold latents already scaled (no rescaling).
 
 Datasets, selected by name through :func:`make_dataset`:
 
@@ -21,7 +21,9 @@ Datasets, selected by name through :func:`make_dataset`:
 ``imagefolder``
     One sub-directory per class, decoded lazily with PIL and center-cropped like ADM/DiT.
 ``latents``
-    Pre-computed latents in safetensors files, loaded into memory.
+    Pre-computed latents: a ``dar prepare-latents`` directory (``manifest.json`` + shards, memory-mapped
+    by :class:`dar.data.latents.LatentShards`, unscaled on disk and scaled by the manifest's factor when
+    read), or plain safetensors files of scaled ``latents`` + ``labels``, loaded into memory.
 
 The 28x28 (Fashion-)MNIST images are padded to 32x32 by default so that the common DiT patch sizes
 2, 4 and 8 all divide the image side.
@@ -461,10 +463,11 @@ def make_dataset(
             (leave them out and report them); see :class:`ImageFolderDataset`.
 
     Returns:
-        An :class:`ArrayDataset` (``builtin``, ``idx``, ``latents``) or an
+        An :class:`ArrayDataset` (``builtin``, ``idx``, plain ``latents`` files), a
+        :class:`dar.data.latents.LatentShards` (a ``dar prepare-latents`` directory) or an
         :class:`ImageFolderDataset`. Class names are the Fashion-MNIST names for ``builtin``, the
-        sorted directory names for ``imagefolder``, and ``"0"`` ... ``"K-1"`` for ``idx`` and
-        ``latents`` (IDX and latent files carry no names; ``K`` = largest label + 1).
+        sorted directory names for ``imagefolder`` (and the latents prepared from one), and ``"0"`` ...
+        ``"K-1"`` for ``idx`` and plain latent files (they carry no names; ``K`` = largest label + 1).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -500,6 +503,17 @@ def make_dataset(
             raise ValueError("dataset 'imagefolder' needs image_size (the center-crop side)")
         return ImageFolderDataset(path, image_size, bad_images)
 
+    from dar.data.latents import MANIFEST_NAME, REQUEST_NAME, LatentShards
+
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():  # written by `dar prepare-latents`: memory-mapped
+        shards = LatentShards(path)
+        if image_size is not None and image_size != shards.image_size:
+            raise ValueError(f"image_size={image_size} does not match the {shards.image_size}x{shards.image_size} "
+                             f"latents in {path}")
+        return shards
+    if path.is_dir() and (path / REQUEST_NAME).is_file():
+        raise ValueError(f"{path} is an unfinished `dar prepare-latents` output (no {MANIFEST_NAME}); rerun the "
+                         "command that made it to finish it")
     latents, labels = load_latents(path)
     if image_size is not None and image_size != latents.shape[-1]:
         raise ValueError(
