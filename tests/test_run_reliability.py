@@ -4,7 +4,6 @@ names the problem, or in a run that continues correctly; nothing is lost or left
 
 import errno
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dar.cli import main
 from dar.errors import CheckpointError, RunDirBusy, TrainingDiverged

@@ -5,7 +5,12 @@
         ema.safetensors     EMA weights, same metadata (what `dar sample` loads by default)
         optimizer.pt        AdamW state (tensors and numbers only; loaded with weights_only=True)
         rng.safetensors     process RNG states
-        state.json          step, data position and fingerprint, world size, package versions, config
+        state.json          step, data position and fingerprint, world size and parallelism, package
+                            versions, config
+
+The files are the same however the run was trained (one process, DDP or FSDP: full tensors, the
+unsharded model's keys and AdamW's own state layout, see :mod:`dar.training.parallel`), so a run can
+resume on another number of processes or another ``train.parallel``, and `dar sample` reads any.
 
 A checkpoint directory is assembled under a temporary name and renamed into place, so a crash never
 leaves a half-written ``step_*`` directory and the latest complete step is simply the largest one
@@ -32,6 +37,7 @@ from dar.models.sit import SiT, build_model
 from dar.provenance import package_versions
 from dar.routing import upgrade_legacy_keys
 from dar.training.config import RunConfig
+from dar.training.parallel import load_full_state_dict, shard_optimizer_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 PARTIAL_DIR = re.compile(r"^\.step_\d+\.(tmp|old)-\d+$")
@@ -43,16 +49,24 @@ def weights_metadata(config: RunConfig, step: int) -> dict[str, str]:
     return {"format": FORMAT, "step": str(step), "dar_run_config": config.to_json()}
 
 
-def save_weights(module: torch.nn.Module, path: Path, config: RunConfig, step: int) -> None:
-    """One self-describing safetensors file: the weights plus the run config that rebuilds the model."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def _state(source) -> dict:
+    """A module's or optimizer's state dict, or ``source`` itself when it already is one (as the
+    trainer passes them: gathered from all ranks under FSDP, see :mod:`dar.training.parallel`)."""
+    return source if isinstance(source, dict) else source.state_dict()
+
+
+def save_weights(module: torch.nn.Module | dict, path: Path, config: RunConfig, step: int) -> None:
+    """One self-describing safetensors file: the weights (a module or its full state dict) plus the run
+    config that rebuilds the model."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _state(module).items()}
     save_file(tensors, str(path), metadata=weights_metadata(config, step))
 
 
-def checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """About what one checkpoint takes on disk: model + EMA + the optimizer's state."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+def checkpoint_bytes(model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | dict) -> int:
+    """About what one checkpoint takes on disk: model + EMA + the optimizer's state (modules or their
+    full state dicts)."""
+    weights = sum(t.numel() * t.element_size() for t in _state(model).values())
+    moments = sum(t.numel() * t.element_size() for s in _state(optimizer)["state"].values() for t in s.values()
                   if torch.is_tensor(t))
     return 2 * weights + max(moments, 2 * weights)
 
@@ -73,12 +87,15 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     config: RunConfig,
-    model: torch.nn.Module,
-    ema: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | dict,
+    ema: torch.nn.Module | dict,
+    optimizer: torch.optim.Optimizer | dict,
     extra_state: dict,
     keep: int = 0,
 ) -> Path:
+    """Write checkpoint ``step`` of the run. ``model``, ``ema`` and ``optimizer`` are unsharded modules
+    and optimizer, or their full state dicts (what the trainer passes; only one process writes)."""
+    model, ema, optimizer = _state(model), _state(ema), _state(optimizer)
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     check_free_space(root, checkpoint_bytes(model, optimizer), f"the step {step} checkpoint")
@@ -89,7 +106,7 @@ def save_checkpoint(
     try:
         save_weights(model, tmp / "model.safetensors", config, step)
         save_weights(ema, tmp / "ema.safetensors", config, step)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer, tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -206,7 +223,7 @@ def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], s
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the model"
             )
-    module.load_state_dict(tensors)
+    load_full_state_dict(module, tensors)  # a sharded (FSDP) module keeps its own rank's chunks
 
 
 def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[SiT, RunConfig, int]:
@@ -237,7 +254,8 @@ def read_state(path: Path) -> dict:
 
 
 def load_training_state(path: Path, model, ema, optimizer) -> dict:
-    """Restore model, EMA, optimizer and RNG from a checkpoint directory; returns state.json."""
+    """Restore model, EMA, optimizer and RNG from a checkpoint directory; returns state.json. The
+    modules and optimizer may be sharded (FSDP): every process reads the full files and keeps its part."""
     state = read_state(path)
     for name, module in (("model", model), ("ema", ema)):
         tensors, _ = read_weights(path / f"{name}.safetensors")
@@ -245,7 +263,7 @@ def load_training_state(path: Path, model, ema, optimizer) -> dict:
     optimizer_file = path / "optimizer.pt"
     try:
         optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(shard_optimizer_state_dict(optimizer, optimizer_state))
     except pickle.UnpicklingError:
         # torch's message suggests weights_only=False, i.e. running code from the file: never
         raise CheckpointError(f"{optimizer_file} holds objects other than tensors and numbers; refusing to "

@@ -6,8 +6,21 @@ batch, of which each process takes its slice. So the data position is the step, 
 repeats exactly what an uninterrupted one would have done, and N processes see the same batch as
 one process with the same global batch.
 
-Launch: ``dar train`` (one process) or ``torchrun --nproc_per_node N -m dar.cli train`` (DDP; nccl on
-GPU, gloo on CPU).
+Launch: ``dar train`` (one process) or ``torchrun --nproc_per_node N -m dar.cli train`` (nccl on GPU,
+gloo on CPU). ``train.parallel`` chooses how several processes share the model: ``ddp`` (a full
+replica per process, gradients all-reduced) or ``fsdp`` (FSDP2: parameters, gradients, optimizer state
+and EMA sharded per block; see :mod:`dar.training.parallel`). ``fsdp`` shards with one process too
+(launched by torchrun or not). Checkpoints are the same full files either way, so a run may switch
+between one process, ddp and fsdp, and change its number of processes, when it resumes.
+
+N nodes x 8 GPUs (run the same command on every node; HOST is node 0's address, RUN any id shared by
+the nodes of one job)::
+
+    torchrun --nnodes N --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id RUN \
+        -m dar.cli train --preset imagenet256-xl --run-dir RUN_DIR train.parallel=fsdp data.path=LATENTS
+
+The run dir must be on a file system all nodes share (rank 0 writes checkpoints, every rank reads them
+on resume). ``train.global_batch`` must be divisible by the number of processes (N x 8).
 """
 
 from __future__ import annotations
@@ -37,6 +50,14 @@ from dar.training.checkpoint import (
 )
 from dar.training.config import RunConfig
 from dar.training.monitors import PeriodicEval, SampleGrid
+from dar.training.parallel import (
+    full_optimizer_state_dict,
+    full_state_dict,
+    local_tensor,
+    gather_into,
+    shard_like,
+    shard_model,
+)
 from dar.training.runtime import (
     Distributed,
     EpochSampler,
@@ -71,7 +92,10 @@ def make_step_inputs(dataset, sampler: EpochSampler, config: RunConfig, step: in
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * model. Sharded (FSDP) modules: each rank lerps its own shard
+    (EMA and model are sharded alike), the same elementwise update, with no communication."""
+    torch._foreach_lerp_([local_tensor(p) for p in ema.parameters()],
+                         [local_tensor(p) for p in model.parameters()], 1.0 - decay)
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -189,7 +213,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, device: 
     ``stop_after`` ends the process after that step (tests use it to simulate an interruption).
     Returns a summary dict."""
     run_dir = Path(run_dir)
-    env = Distributed(device)
+    env = Distributed(device, parallel=config.train.parallel)
     try:
         with directory_lock(run_dir, "dar train") if env.is_main else contextlib.nullcontext():
             return Trainer(config, run_dir, env, progress).run(resume, stop_after, overwrite, allow_data_change)
@@ -216,6 +240,14 @@ class Trainer:
         self.model.gradient_checkpointing = tc.grad_checkpointing
         self.model.router.set_backend(tc.routing_backend)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.sharded = tc.parallel == "fsdp"
+        # Under FSDP the grids and evaluation (rank 0) read an unsharded copy of the EMA, refreshed from
+        # the shards when they run (a copy, not a new model: building one would draw from the RNG)
+        monitored = env.is_main and bool(tc.sample_every or tc.eval_every)
+        self._ema_replica = copy.deepcopy(self.ema) if self.sharded and monitored else None
+        if self.sharded:  # before the optimizer, which must hold the sharded parameters
+            shard_model(self.model, env.mesh, tc.precision)
+            shard_like(self.ema, self.model, env.mesh)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                            betas=tc.betas)
         self.transport = Transport(config.transport_path)
@@ -296,7 +328,7 @@ class Trainer:
         self._announce(step)
 
         train_model = torch.compile(self.model) if tc.compile else self.model
-        if env.world_size > 1:
+        if env.world_size > 1 and not self.sharded:
             train_model = DistributedDataParallel(
                 train_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
         sampler = EpochSampler(len(self.dataset), tc.global_batch, tc.seed)
@@ -327,20 +359,19 @@ class Trainer:
                     self.log.write(record)
                     report.window(step, record["loss"], steps_per_s)
                     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-                if grids is not None and (step % tc.sample_every == 0 or step == tc.steps):
-                    grid = grids.save(self.ema, step)
-                    if grid is not None:
-                        report.event(f"wrote sample grid {grid}")
-                if evaluator is not None and (step % tc.eval_every == 0 or step == tc.steps):
-                    self.log.write({"step": step, **evaluator(self.ema)})
+                # every rank evaluates these conditions alike: gathering a sharded EMA takes them all
+                grid_due = tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps)
+                eval_due = tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps)
+                if grid_due or eval_due:
+                    ema = self._full_ema()
+                    if grids is not None and grid_due:
+                        grid = grids.save(ema, step)
+                        if grid is not None:
+                            report.event(f"wrote sample grid {grid}")
+                    if evaluator is not None and eval_due:
+                        self.log.write({"step": step, **evaluator(ema)})
                 if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps or step == stop_after:
-                    if env.is_main:
-                        path = save_checkpoint(run_dir, step, config, self.model, self.ema, self.optimizer,
-                                               {"data_position": step * tc.global_batch, "world_size": env.world_size,
-                                                "data": self.data, "data_changes": self.data_changes},
-                                               keep=tc.keep_checkpoints)
-                        report.event(f"wrote checkpoint {path}")
-                    env.barrier()
+                    self._save(step, report)
                     last_saved = step
                 if stop_after is not None and step >= stop_after:
                     break
@@ -352,7 +383,7 @@ class Trainer:
         """One optimisation step on the global batch of ``step``: (global loss, grad norm or None)."""
         config, tc, env = self.config, self.config.train, self.env
         x1, y, x0, t = make_step_inputs(self.dataset, sampler, config, step, config.model.num_classes)
-        rows = slice(env.rank * self.local_batch, (env.rank + 1) * self.local_batch)
+        rows = env.batch_rows(tc.global_batch)
         x1, y, x0, t = (v[rows].to(env.device, non_blocking=True) for v in (x1, y, x0, t))
         with autocast:
             loss = self.transport.loss(train_model, x1, y, x0, t).mean()
@@ -364,22 +395,47 @@ class Trainer:
                                    "Lower train.lr, set train.grad_clip or use train.precision=fp32.")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
-                     if tc.grad_clip > 0 else None)
+        grad_norm = None
+        if tc.grad_clip > 0:  # sharded gradients: the norm of the full gradient (a DTensor, reduced over ranks)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         self.optimizer.step()
         decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
         update_ema(self.ema, self.model, decay)
         return global_loss, grad_norm
+
+    def _full_ema(self) -> torch.nn.Module | None:
+        """The EMA as one unsharded module for the sample grids and evaluation (rank 0 only): the EMA
+        itself, or under FSDP rank 0's copy refreshed from all ranks' shards (every rank calls)."""
+        return gather_into(self.ema, self._ema_replica) if self.sharded else self.ema
+
+    def _save(self, step: int, report: ProgressReport) -> None:
+        """Write checkpoint ``step``: full state dicts (gathered from every rank under FSDP), written by
+        rank 0 alone."""
+        env, tc = self.env, self.config.train
+        if self.sharded or env.is_main:
+            model, ema = full_state_dict(self.model), full_state_dict(self.ema)
+            optimizer = full_optimizer_state_dict(self.optimizer)
+        if env.is_main:
+            parallel = tc.parallel if env.world_size > 1 or self.sharded else "single"
+            path = save_checkpoint(self.run_dir, step, self.config, model, ema, optimizer,
+                                   {"data_position": step * tc.global_batch, "world_size": env.world_size,
+                                    "parallel": parallel, "data": self.data, "data_changes": self.data_changes},
+                                   keep=tc.keep_checkpoints)
+            report.event(f"wrote checkpoint {path}")
+        env.barrier()
 
     def _announce(self, step: int) -> None:
         if not self.env.is_main:
             return
         config, tc = self.config, self.config.train
         params = count_parameters(self.model)
+        sharing = " (FSDP, sharded)" if self.sharded else " (DDP)" if self.env.world_size > 1 else ""
         print(f"[dar] {config.model.arch} {config.model.routing.describe}: {params['total']:,} parameters "
               f"({params['routing']:,} routing); {len(self.dataset):,} training examples; "
               f"{'resuming at' if step else 'starting from'} step {step} of {tc.steps}; "
-              f"{self.env.world_size} process(es) on {self.env.device}; checkpoints every {tc.ckpt_every} steps "
+              f"{self.env.world_size} process(es) on {self.env.device}"
+              f"{sharing}; checkpoints every {tc.ckpt_every} steps "
               f"in {self.run_dir / 'checkpoints'}", flush=True)
 
 def _check_data_fits_model(dataset, config: RunConfig) -> None:
