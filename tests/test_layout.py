@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dar"
 
 # Lowest first: a module may import from its own layer or a lower one.
 LAYERS = [
-    {"dar", "dar.errors", "dar.provenance", "dar.files"},
+    {"dar", "dar.errors", "dar.provenance", "dar.files", "dar.seeds"},
     {"dar.routing"},
     {"dar.models"},
     {"dar.diffusion"},

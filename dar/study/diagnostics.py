@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from dar.training.config import DataConfig, RunConfig
 from dar.data import make_dataset
 from dar.routing import ResidualStream
-from dar.training.runtime import Stream, load_batch, seeded_generator
+from dar.seeds import Stream, seeded_generator
+from dar.training.runtime import load_batch
 from dar.diffusion.transport import Transport
 
 LOSS_DEFINITION = (

@@ -1,53 +1,15 @@
-"""What every process of a run shares: its place in the world (rank, device) and its random numbers.
-
-Every random number of the project comes from :func:`seeded_generator` with a ``(seed, stream, index)``
-triple, or from :func:`fixed_noise_generator`; the streams are listed once, in :class:`Stream`, so no
-two uses can collide and a new use cannot change an old one's numbers.
-"""
+"""What every process of a run shares: its place in the world (rank, device, process group) and the
+order of its data (seeded per epoch with the streams of :mod:`dar.seeds`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class Stream(enum.IntEnum):
-    """Independent random streams; the values are part of every recorded result, never renumber them."""
-
-    TRAIN_STEP = 0  # index = step: examples' flips, label drops, t, noise
-    TRAIN_EPOCH = 1  # index = epoch: the data permutation
-    TRAIN_LATENTS = 2  # index = step: latents drawn from stored VAE posteriors
-    SAMPLE_NOISE = 10  # index = sample: the initial noise of `dar sample`
-    SAMPLE_LABELS = 11  # the labels of `dar sample --labels random`
-    SAMPLE_SDE = 12  # index = shard: the SDE's Brownian increments
-    DIAGNOSE_IMAGES = 20
-    DIAGNOSE_NOISE = 21
-    PROBE_IMAGES = 22
-    PROBE_NOISE = 23
-    PROBE_T = 24
-    PROBE_SPLIT = 25
-
-
-# Fixed noise of the training-time sample grids and periodic evaluation: seed + offset, as every
-# recorded run was made (changing them would change the study's evaluation noise).
-FIXED_NOISE_SEED_OFFSETS = {"sample_grid": 12345, "periodic_eval": 54321}
-
-
-def seeded_generator(seed: int, index: int, stream: Stream) -> torch.Generator:
-    """An independent, reproducible CPU generator per (seed, stream, index)."""
-    entropy = np.random.SeedSequence([seed, int(stream), index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
-
-
-def fixed_noise_generator(seed: int, purpose: str) -> torch.Generator:
-    """The generator of one of :data:`FIXED_NOISE_SEED_OFFSETS`' purposes."""
-    return torch.Generator().manual_seed(seed + FIXED_NOISE_SEED_OFFSETS[purpose])
-
+from dar.seeds import Stream, seeded_generator
 
 DEVICES = ("cpu", "cuda")
 

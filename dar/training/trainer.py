@@ -41,6 +41,7 @@ from dar.diffusion.transport import Transport
 from dar.errors import CheckpointError, TrainingDiverged
 from dar.files import atomic_write_text, directory_lock
 from dar.models.sit import build_model, count_parameters
+from dar.seeds import Stream, seeded_generator
 from dar.training.checkpoint import (
     latest_checkpoint,
     load_training_state,
@@ -61,9 +62,7 @@ from dar.training.parallel import (
 from dar.training.runtime import (
     Distributed,
     EpochSampler,
-    Stream,
     load_batch,
-    seeded_generator,
 )
 
 
