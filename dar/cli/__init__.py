@@ -17,7 +17,7 @@ EXAMPLES = """examples:
   dar train --preset fmnist-residual --run-dir runs/residual
   dar train train.steps=500 model.routing.query=dynamic --run-dir runs/dyn
   dar sample runs/fmnist --num 80 --grid runs/grid.png
-  dar sample runs/fmnist --num 10000 --out runs/samples/fmnist sampler.method=sde sampler.steps=250
+  dar sample runs/fmnist --num 10000 --out runs/samples/fmnist-sde sampler.method=sde sampler.steps=250
   dar info runs/fmnist
 """
 

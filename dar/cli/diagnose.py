@@ -12,9 +12,9 @@ from pathlib import Path
 from dar.data import SPLITS
 
 EPILOG = """examples:
-  dar diagnose runs/fmnist-residual runs/fmnist --out diag/fmnist
-  dar diagnose runs/a runs/b --names residual,dar --t 0.1,0.5,0.9 --batch 32 --out diag/ab
-  dar diagnose runs/xl --device cuda --batch 16 --num-t 4 --layers 14,28,final --out diag/xl
+  dar diagnose runs/fmnist-residual runs/fmnist --out runs/diag/fmnist
+  dar diagnose runs/a runs/b --names residual,dar --t 0.1,0.5,0.9 --batch 32 --out runs/diag/ab
+  dar diagnose runs/xl --device cuda --batch 16 --num-t 4 --layers 14,28,final --out runs/diag/xl
 
 t = 0 is noise and t = 1 data (SiT's convention). The figures are drawn from report.json alone."""
 

@@ -43,10 +43,10 @@ from dar.evaluate.reference import (
 from dar.files import atomic_write_text
 
 EPILOG = """examples:
-  dar eval samples/fmnist/samples.npz --ref builtin-train
+  dar eval runs/samples/fmnist/samples.npz --ref builtin-train
   dar eval samples.npz --ref VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05-6726825d.pth
   dar eval imagenet_train_50k.npz --make-ref imagenet256_ref.npz --device cuda
-  dar eval samples.npz --ref imagenet256_ref.npz --out results/fid.json
+  dar eval samples.npz --ref imagenet256_ref.npz --out runs/results/fid.json
 """
 
 
