@@ -35,15 +35,29 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _tensors_digest(named_arrays) -> str:
+    digest = hashlib.sha256()
+    for name, array in named_arrays:
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def weights_sha256(path: str | Path) -> str:
     """SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bytes, in name order), not of the
     file: its header's metadata order may differ between two writes of the same weights."""
     from safetensors import safe_open
 
-    digest = hashlib.sha256()
     with safe_open(str(path), framework="numpy") as handle:
-        for name in sorted(handle.keys()):
-            array = handle.get_tensor(name)
-            digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
-            digest.update(array.tobytes())
-    return digest.hexdigest()
+        return _tensors_digest((name, handle.get_tensor(name)) for name in sorted(handle.keys()))
+
+
+def state_dict_sha256(state: dict) -> str:
+    """:func:`weights_sha256`'s recipe for tensors in memory (bf16, which numpy lacks, as fp32)."""
+    import torch
+
+    def array(tensor):
+        tensor = tensor.detach().cpu()
+        return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+    return _tensors_digest((name, array(state[name])) for name in sorted(state))

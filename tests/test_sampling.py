@@ -46,9 +46,10 @@ def test_score_from_velocity_matches_gaussian_score(path):
     torch.testing.assert_close(transport.score_from_velocity(v, x, t), -x / var)
 
 
-def test_sbdm_diffusion_for_linear_path():
+def test_sde_diffusion_forms_for_linear_path():
     t = torch.tensor([0.25, 0.5])
-    torch.testing.assert_close(Transport().sde_diffusion(torch.zeros(2, 1), t)[:, 0], (1 - t) / t)
+    torch.testing.assert_close(Transport().sde_diffusion(torch.zeros(2, 1), t, "SBDM")[:, 0], (1 - t) / t)
+    torch.testing.assert_close(Transport().sde_diffusion(torch.zeros(2, 1), t, "sigma")[:, 0], 1 - t)
 
 
 @pytest.mark.parametrize("method,steps,tol", [("euler", 200, 5e-3), ("heun", 50, 5e-4), ("dopri5", 1, 1e-4)])
@@ -64,10 +65,12 @@ def test_ode_solvers_reach_the_exact_flow_map(method, steps, tol):
     assert info["nfe"] > 0
 
 
-def test_sde_sampler_matches_data_distribution_and_reports_nfe():
+@pytest.mark.parametrize("form, start", [("sigma", 0.0), ("SBDM", 0.04)])
+def test_sde_sampler_matches_data_distribution_and_reports_nfe(form, start):
     model = GaussianVelocity()
     noise = torch.randn(4000, 1, 4, 4)
-    x, info = sample(model, noise, torch.zeros(4000, dtype=torch.long), SamplerConfig(method="sde", steps=100),
+    config = SamplerConfig(method="sde", steps=100, diffusion_form=form, sde_start=start)
+    x, info = sample(model, noise, torch.zeros(4000, dtype=torch.long), config,
                      generator=torch.Generator().manual_seed(0))
     assert info["nfe"] == 100 == model.calls
     assert abs(x.std().item() - S) < 0.02
@@ -101,3 +104,10 @@ def test_bad_sampler_config_names_the_field():
         SamplerConfig(guidance_interval=(0.9, 0.1))
     with pytest.raises(ValueError, match="transport.path"):
         Transport("cosine")
+
+
+def test_sbdm_needs_a_positive_start():
+    with pytest.raises(ValueError, match="SBDM is singular at t = 0"):
+        SamplerConfig(method="sde", diffusion_form="SBDM", sde_start=0.0)
+    with pytest.raises(ValueError, match="diffusion_form='ito' is not one of sigma, SBDM"):
+        SamplerConfig(method="sde", diffusion_form="ito")

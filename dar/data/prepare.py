@@ -247,22 +247,15 @@ def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
 
 
 def _vae_identity(vae) -> dict:
-    """vae.record(), its weights always identified: a VAE loaded by hub id is hashed as loaded (the same
-    recipe as a folder's file: names, dtypes, shapes, bytes)."""
-    record = {**vae.record(), "dtype": str(vae.dtype).removeprefix("torch."), "weights_sha256_of": "file"}
+    """vae.record() with the folder's absolute path, after a warning if the scale factor given differs
+    from the one the VAE's config names."""
+    record = vae.record()
     if Path(record["source"]).exists():
         record["source"] = str(Path(record["source"]).resolve())
     configured = record["config"].get("scaling_factor")
     if configured is not None and abs(configured - vae.scale_factor) > 1e-9:
         print(f"warning: --scale-factor {vae.scale_factor} differs from the VAE config's scaling_factor "
               f"{configured}; the manifest records {vae.scale_factor}", file=sys.stderr)
-    if record["weights_sha256"] is None:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(vae.model.state_dict().items()):
-            array = tensor.detach().to("cpu", torch.float32 if tensor.dtype == torch.bfloat16 else tensor.dtype).numpy()
-            digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
-            digest.update(array.tobytes())
-        record.update(weights_sha256=digest.hexdigest(), weights_sha256_of="loaded tensors")
     return record
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dar.data.images import to_uint8
-from dar.provenance import weights_sha256
+from dar.provenance import state_dict_sha256, weights_sha256
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_SCALE_FACTOR = 0.18215  # SD-VAE latents times this have about unit variance (DiT, SiT)
@@ -31,11 +31,13 @@ class VAE:
     model: torch.nn.Module  # diffusers.AutoencoderKL, eval mode, no gradients
     source: str
     scale_factor: float
-    weights_sha256: str | None  # None when loaded from a hub cache we did not hash
+    weights_sha256: str
+    weights_sha256_of: str  # "file" (a local folder's safetensors) or "loaded tensors" (a hub id)
 
     def record(self) -> dict:
         """Everything a result needs to say which VAE made or decoded its latents."""
         return {"source": self.source, "scale_factor": self.scale_factor, "weights_sha256": self.weights_sha256,
+                "weights_sha256_of": self.weights_sha256_of, "dtype": str(self.dtype).removeprefix("torch."),
                 "config": {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}}
 
     @property
@@ -88,9 +90,9 @@ def load_vae(source: str | Path = DEFAULT_VAE, device: str | torch.device = "cpu
             raise ValueError(f"{path / 'config.json'} is not valid JSON ({error})") from None
         if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise ValueError(f"{path} holds a {config['_class_name']}, not an AutoencoderKL")
-        digest = weights_sha256(path / WEIGHTS_NAME)
+        digest, digest_of = weights_sha256(path / WEIGHTS_NAME), "file"
     elif str(source).count("/") == 1 and not str(source).startswith((".", "/")):
-        digest = None  # a hub id: diffusers resolves (and caches) it
+        digest = digest_of = None  # a hub id: diffusers resolves (and caches) it; hashed once loaded
     else:
         raise ValueError(f"VAE {source} is neither a folder nor a hub id like {DEFAULT_VAE}")
     try:
@@ -99,8 +101,10 @@ def load_vae(source: str | Path = DEFAULT_VAE, device: str | torch.device = "cpu
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"cannot load the VAE from {source}: {reason}") from None
+    if digest is None:
+        digest, digest_of = state_dict_sha256(model.state_dict()), "loaded tensors"
     model = model.to(device).eval().requires_grad_(False)
-    return VAE(model, str(source), scale_factor, digest)
+    return VAE(model, str(source), scale_factor, digest, digest_of)
 
 
 def save_vae(model: torch.nn.Module, folder: str | Path) -> Path:

@@ -14,6 +14,7 @@ import torch
 from dar.diffusion.transport import Transport
 
 SAMPLERS = ("euler", "heun", "dopri5", "sde")
+DIFFUSION_FORMS = ("sigma", "SBDM")
 CFG_CHANNELS = ("all", "legacy3")
 
 
@@ -23,8 +24,10 @@ class SamplerConfig:
     dopri5 only the tolerances matter and the real NFE is reported). cfg_scale: 1 = no guidance.
     guidance_interval: guide only for t in [lo, hi] (SiT time, t=1 is data). cfg_channels: ``all``
     (correct) or ``legacy3``, DiT/SiT's guidance of the first 3 channels only, to reproduce their
-    published numbers. sde_start: first SDE time (the SBDM diffusion w(t) = (1-t)/t is singular at 0).
-    last_step_size: SiT's final noise-free "Mean" SDE step."""
+    published numbers. diffusion_form: the SDE's diffusion coefficient w(t): ``sigma`` (w = sigma_t, 1 - t on
+    the linear path; the default of SiT's sampling scripts, behind its published FIDs) or ``SBDM``
+    (w = (1 - t) / t on the linear path, singular at t = 0). sde_start: first SDE time (SiT: 0 for sigma,
+    > 0 for SBDM). last_step_size: SiT's final noise-free "Mean" SDE step."""
 
     method: str = "euler"
     steps: int = 50
@@ -33,7 +36,8 @@ class SamplerConfig:
     cfg_channels: str = "all"
     atol: float = 1e-6
     rtol: float = 1e-3
-    sde_start: float = 0.04
+    diffusion_form: str = "sigma"
+    sde_start: float = 0.0
     last_step_size: float = 0.04
 
     def __post_init__(self):
@@ -48,8 +52,12 @@ class SamplerConfig:
             raise ValueError(f"sampler.guidance_interval={self.guidance_interval} must satisfy 0 <= lo <= hi <= 1")
         if self.cfg_scale < 0:
             raise ValueError(f"sampler.cfg_scale={self.cfg_scale} must be >= 0")
-        if not 0 < self.sde_start < 1 - self.last_step_size <= 1:
-            raise ValueError("sampler.sde_start and sampler.last_step_size must satisfy 0 < start < 1 - last_step")
+        if self.diffusion_form not in DIFFUSION_FORMS:
+            raise ValueError(f"sampler.diffusion_form={self.diffusion_form!r} is not one of {', '.join(DIFFUSION_FORMS)}")
+        if not 0 <= self.sde_start < 1 - self.last_step_size <= 1:
+            raise ValueError("sampler.sde_start and sampler.last_step_size must satisfy 0 <= start < 1 - last_step")
+        if self.diffusion_form == "SBDM" and self.sde_start <= 0:
+            raise ValueError("sampler.diffusion_form=SBDM is singular at t = 0: give sampler.sde_start > 0 (e.g. 0.04)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,11 +147,11 @@ def _sde_euler_maruyama(x, velocity, transport, config, generator, at):
 
     def drift(x_, t_):
         v = velocity(x_, t_)
-        return v + transport.sde_diffusion(x_, t_) * transport.score_from_velocity(v, x_, t_)
+        return v + transport.sde_diffusion(x_, t_, config.diffusion_form) * transport.score_from_velocity(v, x_, t_)
 
     for t0, t1 in zip(grid[:-1], grid[1:]):
         dt = t1 - t0
         t = at(t0)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x + drift(x, t) * dt + torch.sqrt(2 * transport.sde_diffusion(x, t) * dt) * noise
+        x = x + drift(x, t) * dt + torch.sqrt(2 * transport.sde_diffusion(x, t, config.diffusion_form) * dt) * noise
     return x + drift(x, at(t_end)) * config.last_step_size

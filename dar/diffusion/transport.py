@@ -83,8 +83,13 @@ class Transport:
         x0_hat = (a * v - da * x) / (a * ds - da * s)
         return -x0_hat / s
 
-    def sde_diffusion(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """w(t) of SiT's "SBDM" form: sigma_t^2 * da/alpha - sigma_t * dsigma. The reverse SDE is
-        dx = [v + w(t) score] dt + sqrt(2 w(t)) dW (for the linear path w = (1 - t) / t)."""
+    def sde_diffusion(self, x: torch.Tensor, t: torch.Tensor, form: str = "sigma") -> torch.Tensor:
+        """w(t) of the reverse SDE dx = [v + w(t) score] dt + sqrt(2 w(t)) dW, in SiT's forms: ``sigma``
+        (w = sigma_t; 1 - t on the linear path) or ``SBDM`` (w = sigma_t^2 da/alpha - sigma_t dsigma;
+        (1 - t) / t on the linear path)."""
         (a, da), (s, ds) = self.path.alpha(_expand(t, x)), self.path.sigma(_expand(t, x))
-        return da / a * s**2 - s * ds
+        if form == "sigma":
+            return s
+        if form == "SBDM":
+            return da / a * s**2 - s * ds
+        raise ValueError(f"unknown SDE diffusion form {form!r}; expected sigma or SBDM")

@@ -5,6 +5,10 @@ or number of processes. Each batch is one shard file written atomically; a rerun
 already there and recomputes only the missing or unreadable ones. Process r of N takes shards r,
 r+N, ... (torchrun). Rank 0 holds the output directory's lock for the whole job, merges the shards
 into ``samples.npz`` (arr_0: uint8 NHWC, labels) and writes ``samples.json`` with every setting.
+
+Latent models (SiT on SD-VAE latents) are decoded to pixels shard by shard on the sampling device,
+``DECODE_CHUNK`` images at a time, so memory stays bounded whatever the batch size; the VAE that
+decoded them (source, scale, weights hash, config) is part of the request and of the record.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import json
 import sys
 import time
+import typing
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +30,19 @@ from dar.errors import RunDirBusy
 from dar.files import atomic_path, atomic_write_text, directory_lock
 from dar.provenance import package_versions, weights_sha256
 from dar.training.config import RunConfig
-from dar.training.runtime import Distributed, Stream, seeded_generator
+from dar.seeds import Stream, seeded_generator
+from dar.training.runtime import Distributed
+
+if typing.TYPE_CHECKING:
+    from dar.data.vae import VAE
 
 LABEL_MODES = ("balanced", "random")
 # What a kill mid-write leaves in the output directory: temporary names of atomic_path (and of the
 # tmp-then-rename writes of earlier versions, ".shard_000001.tmp-PID.npz" and ".samples.tmp-PID.npz")
 LEFTOVER_PATTERNS = ("shards/.shard_*.tmp-*", ".samples*.tmp-*", ".request.json.tmp-*")
+PIXEL_CHANNELS = (1, 3)  # models with other channel counts make latents that a VAE decodes
+DECODE_CHUNK = 16  # latents decoded per VAE call: bounds the decoder's activation memory
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -57,10 +69,73 @@ def initial_noise(indices: range, shape: tuple[int, ...], seed: int) -> torch.Te
     return torch.stack([torch.randn(shape, generator=seeded_generator(seed, i, Stream.SAMPLE_NOISE)) for i in indices])
 
 
-def check_pixel_model(config: RunConfig) -> None:
-    if config.model.in_channels not in (1, 3):
-        raise ValueError(f"the checkpoint models {config.model.in_channels}-channel latents; decoding them to "
-                         "images needs a VAE, which `dar sample` does not provide yet")
+@contextlib.contextmanager
+def sampling_precision(precision: str, device: torch.device):
+    """The arithmetic of the diffusion model's forward passes while sampling (the VAE decodes outside).
+    fp32: as the process is set (full-precision matmuls by default); tf32: TF32 matmuls on CUDA, what
+    SiT's and DiT's sample_ddp.py use by default (no effect on a CPU); bf16: autocast, parameters and
+    the sampler's state stay fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32":
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+    else:
+        yield
+
+
+def is_latent_model(config: RunConfig) -> bool:
+    return config.model.in_channels not in PIXEL_CHANNELS
+
+
+def check_decoder(config: RunConfig, vae: "VAE | None") -> None:
+    """A latent model needs a VAE whose latents it models; a pixel model takes none."""
+    m = config.model
+    if not is_latent_model(config):
+        if vae is not None:
+            raise ValueError(f"the checkpoint models {m.in_channels}-channel pixels, which need no VAE; "
+                             f"leave out --vae (got {vae.source})")
+        return
+    if vae is None:
+        raise ValueError(f"the checkpoint models {m.in_channels}-channel latents and names no VAE to decode them "
+                         "(its data.vae is not set): pass --vae FOLDER_OR_HUB_ID, e.g. --vae stabilityai/sd-vae-ft-ema")
+    channels = vae.model.config.latent_channels
+    if channels != m.in_channels:
+        raise ValueError(f"the VAE {vae.source} decodes {channels}-channel latents, but the checkpoint models "
+                         f"{m.in_channels} channels; pass the VAE its training latents were made with")
+
+
+def vae_request(record: dict) -> dict:
+    """What makes two VAEs decode alike (weights, scale, config, dtype): a rerun into the same output
+    must match it. The source is left out, so a moved copy of the same folder still matches."""
+    return {key: value for key, value in record.items() if key != "source"}
+
+
+def sample_shape(config: RunConfig, vae: "VAE | None") -> tuple[int, int, int]:
+    """(H, W, C) of one stored uint8 sample: the model's own for pixel models, the decoded image's
+    (8x the latent side for the SD-VAE) for latent models."""
+    m = config.model
+    if vae is None:
+        return (m.input_size, m.input_size, m.in_channels)
+    vae_config = vae.model.config
+    side = m.input_size * 2 ** (len(vae_config.block_out_channels) - 1)
+    return (side, side, vae_config.out_channels)
+
+
+def to_images(x: torch.Tensor, vae: "VAE | None") -> np.ndarray:
+    """Samples in model space [B, C, h, w] -> uint8 [B, H, W, C] on the CPU: pixels directly, latents
+    decoded by ``vae`` (on its device, ``DECODE_CHUNK`` at a time)."""
+    from dar.data import to_uint8
+
+    images = to_uint8(x).cpu() if vae is None else vae.decode(x, chunk=DECODE_CHUNK)
+    return images.numpy()
 
 
 def generate(
@@ -73,32 +148,44 @@ def generate(
     seed: int = 0,
     labels: str = "balanced",
     progress: bool = True,
+    vae: "VAE | None" = None,
+    precision: str = "fp32",
 ) -> Path:
     """Sample ``num`` images of ``checkpoint`` (already on ``env.device``) into ``out_dir``; every
-    process of the job calls this. Returns the path of ``samples.npz``."""
+    process of the job calls this. A latent model needs ``vae`` (loaded on ``env.device``), which
+    decodes each shard before it is stored. ``precision``: see :func:`sampling_precision`. Returns
+    the path of ``samples.npz``."""
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num and --batch-size must be positive, got {num} and {batch_size}")
-    check_pixel_model(checkpoint.config)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_decoder(checkpoint.config, vae)
     out_dir = Path(out_dir)
     with _output_lock(out_dir, env):
-        return _generate_locked(checkpoint, out_dir, num, sampler, env, batch_size, seed, labels, progress)
+        return _generate_locked(checkpoint, out_dir, num, sampler, env, batch_size, seed, labels, progress, vae,
+                                precision)
 
 
 def _generate_locked(checkpoint: LoadedCheckpoint, out_dir: Path, num: int, sampler: SamplerConfig,
-                     env: Distributed, batch_size: int, seed: int, labels: str, progress: bool) -> Path:
-    from dar.data import to_uint8
-
+                     env: Distributed, batch_size: int, seed: int, labels: str, progress: bool,
+                     vae: "VAE | None", precision: str) -> Path:
     m = checkpoint.config.model
     shard_dir = out_dir / "shards"
     weights_hash = weights_sha256(checkpoint.weights_file)
     request = {"weights_sha256": weights_hash,
                "num": num, "batch_size": batch_size, "seed": seed, "labels": labels, "sampler": sampler.to_dict()}
+    vae_record = vae.record() if vae is not None else None
+    # keys added only when used, so that requests of earlier versions still match their reruns
+    if vae_record is not None:
+        request["vae"] = vae_request(vae_record)
+    if precision != "fp32":
+        request["precision"] = precision
     if env.is_main:
         shard_dir.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(out_dir)
     _check_same_request(out_dir / "request.json", request, env)  # ends with a barrier: leftovers are gone
     all_labels = sample_labels(num, m.num_classes, labels, seed)
-    shape = (m.input_size, m.input_size, m.in_channels)  # of one stored sample: NHWC
+    shape = sample_shape(checkpoint.config, vae)  # of one stored sample: NHWC
     shards = [_Shard(k, lo, min(lo + batch_size, num), shard_dir) for k, lo in enumerate(range(0, num, batch_size))]
     mine = [s for s in shards if s.index % env.world_size == env.rank]
     todo = [s for s in mine if not _shard_is_reusable(s, shape, all_labels)]
@@ -111,10 +198,16 @@ def _generate_locked(checkpoint: LoadedCheckpoint, out_dir: Path, num: int, samp
     for shard in todo:
         noise = initial_noise(range(shard.lo, shard.hi), (m.in_channels, m.input_size, m.input_size), seed)
         y = all_labels[shard.lo:shard.hi].to(env.device)
-        x, info = sample(checkpoint.model, noise.to(env.device), y, sampler,
-                         generator=seeded_generator(seed, shard.index, Stream.SAMPLE_SDE))
+        with sampling_precision(precision, env.device):
+            x, info = sample(checkpoint.model, noise.to(env.device), y, sampler,
+                             generator=seeded_generator(seed, shard.index, Stream.SAMPLE_SDE))
+        images = to_images(x.float(), vae)
+        del x
+        if images.shape[1:] != shape:  # only a VAE of unusual structure can do this
+            raise ValueError(f"the VAE {vae.source} decoded {m.input_size}x{m.input_size} latents to images of "
+                             f"shape {images.shape[1:]}, not {shape}")
         with atomic_path(shard.path) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez would add ".npz"
-            np.savez(handle, arr_0=to_uint8(x.cpu()), labels=y.cpu().numpy(), nfe=np.array(info["nfe"]))
+            np.savez(handle, arr_0=images, labels=y.cpu().numpy(), nfe=np.array(info["nfe"]))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -134,6 +227,9 @@ def _generate_locked(checkpoint: LoadedCheckpoint, out_dir: Path, num: int, samp
         "step": checkpoint.step,
         "model": checkpoint.config.to_dict()["model"],
         "sampler": sampler.to_dict(),
+        "precision": precision,
+        "vae": vae_record,
+        "image_shape": list(shape),
         "nfe": int(parts[0]["nfe"]),
         "seed": seed,
         "batch_size": batch_size,

@@ -10,12 +10,14 @@ import numpy as np
 import torch
 
 from dar.training.config import RunConfig
-from dar.training.runtime import Distributed, fixed_noise_generator
+from dar.seeds import fixed_noise_generator
+from dar.training.runtime import Distributed
 
 
 class SampleGrid:
     """EMA samples on fixed noise and labels (8 per class, at most 10 classes), saved as labelled PNGs
-    under RUN/samples/. Latent models need a VAE decoder to show pixels, so they get no grid."""
+    under RUN/samples/. A latent model's samples are decoded by the VAE of ``data.vae``, loaded once
+    on the run's device; without ``data.vae`` a latent run gets no grids, and says so once."""
 
     def __init__(self, config: RunConfig, dataset, env: Distributed, run_dir: Path):
         m = config.model
@@ -25,7 +27,15 @@ class SampleGrid:
         g = fixed_noise_generator(config.train.seed, "sample_grid")
         self.noise = torch.randn(len(self.labels), m.in_channels, m.input_size, m.input_size, generator=g)
         self.class_names = list(dataset.class_names)[:classes]
-        self.enabled = m.in_channels in (1, 3)
+        self.vae = None
+        self.enabled = True
+        if m.in_channels not in (1, 3):  # latents
+            if config.data.vae is None:
+                self.enabled = False
+                print(f"[dar] no sample grids: the model makes {m.in_channels}-channel latents and data.vae (the VAE "
+                      "that decodes them: a diffusers folder or hub id) is not set", flush=True)
+            else:
+                self.vae = load_grid_vae(config, env, dataset)
 
     def save(self, ema, step: int) -> Path | None:
         from dar.data import save_labelled_grid, to_uint8
@@ -34,8 +44,35 @@ class SampleGrid:
         if not self.enabled:
             return None
         x, _ = sample(ema, self.noise.to(self.env.device), self.labels.to(self.env.device), self.config.sampler)
-        return save_labelled_grid(to_uint8(x.cpu()), self.labels.tolist(), self.class_names,
-                                  self.run_dir / "samples" / f"step_{step:07d}.png")
+        images = to_uint8(x).cpu() if self.vae is None else self.vae.decode(x, chunk=16)
+        scale = 2 if images.shape[1] < 128 else 1  # decoded 256 px images at their own size
+        return save_labelled_grid(images.numpy(), self.labels.tolist(), self.class_names,
+                                  self.run_dir / "samples" / f"step_{step:07d}.png", scale=scale)
+
+
+def load_grid_vae(config: RunConfig, env: Distributed, dataset):
+    """The VAE of ``data.vae`` on the run's device, with the latents' scale factor (as the dataset's
+    manifest records it). Problems are clear errors at the start of the run, not at its first grid
+    hours later; a VAE other than the one that encoded the latents is allowed (DiT and SiT decode
+    sd-vae-ft-ema latents with either SD-VAE) but named once."""
+    from dar.data.vae import DEFAULT_SCALE_FACTOR, load_vae
+
+    scale = float(getattr(dataset, "scale_factor", DEFAULT_SCALE_FACTOR))
+    try:
+        vae = load_vae(config.data.vae, env.device, scale_factor=scale)
+    except ValueError as error:
+        raise ValueError(f"data.vae={config.data.vae}: {error}; fix data.vae, or train without sample grids "
+                         "(train.sample_every=0)") from None
+    channels = vae.model.config.latent_channels
+    if channels != config.model.in_channels:
+        raise ValueError(f"data.vae={config.data.vae} decodes {channels}-channel latents, but the model has "
+                         f"model.in_channels={config.model.in_channels}")
+    encoder = (getattr(dataset, "manifest", None) or {}).get("vae") or {}
+    if vae.weights_sha256 and encoder.get("weights_sha256") not in (None, vae.weights_sha256):
+        print(f"[dar] note: sample grids are decoded by data.vae={config.data.vae} (weights sha256 "
+              f"{vae.weights_sha256[:12]}...), not by the VAE that encoded the training latents "
+              f"({encoder.get('source')}, sha256 {str(encoder['weights_sha256'])[:12]}...)", flush=True)
+    return vae
 
 
 class PeriodicEval:
