@@ -111,6 +111,25 @@ def directory_lock(directory: str | Path, purpose: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def job_directory_lock(directory: str | Path, purpose: str, env) -> Iterator[None]:
+    """:func:`directory_lock` for a job of several processes (``env``: a ``dar.training.runtime.Distributed``):
+    the main process holds ``directory``; every process learns whether it got it, so none writes and
+    none waits at a barrier for a process that gave up."""
+    import torch
+
+    with contextlib.ExitStack() as stack:
+        busy = None
+        if env.is_main:
+            try:
+                stack.enter_context(directory_lock(directory, purpose))
+            except RunDirBusy as error:
+                busy = error
+        if env.all_mean(torch.tensor(float(busy is None), device=env.device)).item() != 1.0:
+            raise busy or RunDirBusy(f"{directory} is in use by another process (the main process names it)")
+        yield
+
+
 def check_free_space(directory: str | Path, needed_bytes: int, what: str) -> None:
     """A clear error, before writing, when ``directory``'s file system has less than ``needed_bytes``
     free (with 5 % headroom)."""

@@ -3,9 +3,9 @@ for ``data.name=latents`` (the job: :mod:`dar.data.prepare`; the format: :mod:`d
 
 from __future__ import annotations
 
-import argparse
 import os
 
+from dar.cli.arguments import positive_int
 from dar.data.datasets import BAD_IMAGE_POLICIES
 from dar.data.latents import STORE_MODES
 from dar.data.prepare import DEFAULT_SHARD_SIZE
@@ -17,16 +17,6 @@ STORE_HELP = (
     "new sample of the VAE's posterior, which is the VAE's actual data distribution, at twice the disk of "
     "samples. samples: store one latent per image, drawn once from a generator seeded per image index, "
     "so reruns are identical (fast-DiT)")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def add_parser(subparsers) -> None:

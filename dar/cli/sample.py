@@ -3,22 +3,11 @@ Latent models' samples are decoded to images by a VAE (``--vae``, default the ch
 
 from __future__ import annotations
 
-import argparse
 import math
 
+from dar.cli.arguments import positive_int
+
 TAKES_OVERRIDES = True
-
-
-def positive_int(text: str) -> int:
-    """argparse type of --num and --batch-size: an integer of at least 1."""
-    message = f"must be a positive integer, got {text!r}"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(message) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(message)
-    return value
 
 
 def add_parser(subparsers) -> None:

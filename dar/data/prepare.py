@@ -9,7 +9,6 @@ keeps every finished shard (after checking it), removes what a killed write left
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ from dar.data.latents import (
     read_shard_header,
     shard_name,
 )
+from dar.files import atomic_path, atomic_write_text, check_free_space, job_directory_lock
 from dar.seeds import Stream, seeded_generator
 
 DEFAULT_SHARD_SIZE = 10_000  # source images: 320 MB of fp16 moments at 256 px (640 MB with --flip)
@@ -214,13 +214,12 @@ def prepare_latents(source: str | Path, out: str | Path, vae, env, settings: Set
                "scale_factor": vae.scale_factor, **asdict(settings)}
     n = len(src)
     shards = [(k, lo, min(lo + settings.shard_size, n)) for k, lo in enumerate(range(0, n, settings.shard_size))]
-    with _output_lock(out, env):
+    with job_directory_lock(out, "dar prepare-latents", env):
         if env.is_main:
             _check_request(out, request)
             for leftover in out.glob(TEMP_PATTERN):
                 leftover.unlink(missing_ok=True)
             if src.listing is not None:
-                from dar.files import atomic_write_text
 
                 atomic_write_text(out / IMAGE_LIST_NAME, src.listing)
             _prepare_directory(out, shards, src, settings, latent_shape)
@@ -259,28 +258,8 @@ def _vae_identity(vae) -> dict:
     return record
 
 
-@contextlib.contextmanager
-def _output_lock(out: Path, env):
-    """Rank 0 holds ``out`` for the whole job; every rank learns whether it got it (none may wait at a
-    barrier for a rank that gave up)."""
-    from dar.errors import RunDirBusy
-    from dar.files import directory_lock
-
-    with contextlib.ExitStack() as stack:
-        busy = None
-        if env.is_main:
-            try:
-                stack.enter_context(directory_lock(out, "dar prepare-latents"))
-            except RunDirBusy as error:
-                busy = error
-        if env.all_mean(torch.tensor(float(busy is None), device=env.device)).item() != 1.0:
-            raise busy or RunDirBusy(f"{out} is in use by another process (rank 0 names it)")
-        yield
-
-
 def _check_request(out: Path, request: dict) -> None:
     """Finished shards are reused only by the same request; anything else would mix two data sets."""
-    from dar.files import atomic_write_text
 
     path = out / REQUEST_NAME
     request = json.loads(json.dumps(request))  # tuples -> lists, as stored
@@ -305,7 +284,6 @@ def _check_request(out: Path, request: dict) -> None:
 def _prepare_directory(out: Path, shards: list, src, settings: Settings, latent_shape: tuple) -> None:
     """Rank 0, before any shard is written: a manifest that no longer describes the shards goes first,
     and the disk must hold what is left to write."""
-    from dar.files import check_free_space
 
     missing = [s for s in shards if _shard_problem(out, s, src, settings, latent_shape, report=False)]
     if missing:
@@ -359,7 +337,6 @@ def _sample_generator(seed: int, index: int):
 def _encode(out: Path, todo: list, src, vae, settings: Settings, latent_shape: tuple, bad_images: str,
             batch_size: int, workers: int, progress: "_Progress") -> None:
     from dar.data.latents import save_shard
-    from dar.files import atomic_path
 
     chunk = max(1, batch_size // settings.copies)  # source images per VAE call
     try:
@@ -426,7 +403,6 @@ def _encode_shard(lo: int, hi: int, src, vae, settings: Settings, latent_shape: 
 def _write_manifest(out: Path, shards: list, src, vae, vae_record: dict, settings: Settings, latent_shape: tuple,
                     how: dict) -> dict:
     """Rank 0, after every rank finished: check every shard once more, hash it, write manifest.json last."""
-    from dar.files import atomic_write_text
     from dar.provenance import file_sha256, package_versions
 
     entries, skipped = [], list(src.skipped)

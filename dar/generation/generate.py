@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from dar.diffusion.samplers import SamplerConfig, sample
-from dar.errors import RunDirBusy
-from dar.files import atomic_path, atomic_write_text, directory_lock
+from dar.files import atomic_path, atomic_write_text, job_directory_lock
 from dar.provenance import package_versions, weights_sha256
 from dar.training.config import RunConfig
 from dar.seeds import Stream, seeded_generator
@@ -161,7 +160,7 @@ def generate(
         raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     check_decoder(checkpoint.config, vae)
     out_dir = Path(out_dir)
-    with _output_lock(out_dir, env):
+    with job_directory_lock(out_dir, "dar sample", env):
         return _generate_locked(checkpoint, out_dir, num, sampler, env, batch_size, seed, labels, progress, vae,
                                 precision)
 
@@ -299,24 +298,6 @@ def _remove_leftovers(out_dir: Path) -> None:
     for pattern in LEFTOVER_PATTERNS:
         for path in out_dir.glob(pattern):
             path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _output_lock(out_dir: Path, env: Distributed):
-    """Rank 0 holds ``out_dir`` for the whole job, so a second `dar sample` on it fails instead of
-    mixing shards; every rank learns whether it got the lock (none may write, none may wait at a
-    barrier for a rank that gave up)."""
-    with contextlib.ExitStack() as stack:
-        busy = None
-        if env.is_main:
-            try:
-                stack.enter_context(directory_lock(out_dir, "dar sample"))
-            except RunDirBusy as error:
-                busy = error
-        acquired = env.all_mean(torch.tensor(float(busy is None), device=env.device)).item() == 1.0
-        if not acquired:
-            raise busy or RunDirBusy(f"{out_dir} is in use by another process (rank 0 names it)")
-        yield
 
 
 def _check_same_request(path: Path, request: dict, env: Distributed) -> None:
