@@ -4,7 +4,7 @@
 * aggregator logits: ``(v_k . q) r_k`` for K sources and a per-token query (dynamic), followed by
   the mix in both cases, since that is how the router uses them.
 
-The recorded versions are the formulas as the router computed them before session 5. Both are
+The recorded versions are the same formulas left to autograd op by op (the plain transcription). Both are
 timed alternately in one process:
 
     python benchmarks/bench_routing_ops.py

@@ -90,7 +90,7 @@ def _torchrun_train(run_dir, log, *overrides):
 
 
 def _children(pid):
-    """The live child processes of ``pid`` (torchrun starts each rank in a session of its own)."""
+    """The live child processes of ``pid`` (torchrun starts each rank with setsid, out of the launcher's process group)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
