@@ -164,3 +164,28 @@ def test_grid_never_opens_the_data_path_a_checkpoint_names(run_dir, tmp_path, mo
         monkeypatch.setattr(module, "ImageFolderDataset", forbidden)
     assert main(["sample", str(foreign), "--num", "20", "--grid", str(tmp_path / "g.png"), *SAMPLER]) == 0
     assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_kill_9_mid_sampling_then_rerun_gives_the_uninterrupted_samples(run_dir, tmp_path):
+    """A real SIGKILL while shards are being written; the same command then finishes the job with
+    every sample exactly as an uninterrupted run makes it, no shard written twice."""
+    import signal
+    import time
+
+    whole = tmp_path / "whole"
+    assert main(sample_args(run_dir, whole, num=40, batch_size=2)) == 0
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "dar.cli", *sample_args(run_dir, killed, num=40, batch_size=2)]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((killed / "shards").glob("shard_00000[2-9].npz")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    done_before = {p.name: p.stat().st_ino for p in (killed / "shards").glob("shard_*.npz")}
+    assert 3 <= len(done_before) < 20 and not (killed / "samples.npz").exists()
+    assert main(sample_args(run_dir, killed, num=40, batch_size=2)) == 0
+    assert all((killed / "shards" / name).stat().st_ino == inode for name, inode in done_before.items())
+    for key in ("arr_0", "labels"):
+        assert np.array_equal(np.load(killed / "samples.npz")[key], np.load(whole / "samples.npz")[key])
+    assert not list(killed.rglob(".*tmp*"))
