@@ -434,8 +434,9 @@ class Trainer:
               f"({params['routing']:,} routing); {len(self.dataset):,} training examples; "
               f"{'resuming at' if step else 'starting from'} step {step} of {tc.steps}; "
               f"{self.env.world_size} process(es) on {self.env.device}"
-              f"{sharing}; checkpoints every {tc.ckpt_every} steps "
-              f"in {self.run_dir / 'checkpoints'}", flush=True)
+              f"{sharing}; checkpoints {f'every {tc.ckpt_every} steps and ' if tc.ckpt_every else ''}at the "
+              f"end in {self.run_dir / 'checkpoints'}", flush=True)
+
 
 def _check_data_fits_model(dataset, config: RunConfig) -> None:
     m = config.model
