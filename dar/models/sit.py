@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dar.routing import DepthRouter, RoutingConfig
+from dar.routing import RoutingConfig, build_router
 
 # depth, hidden size, heads. SiT's four sizes, plus small CPU sizes (head dim 32) for laptops and tests.
 ARCHITECTURES = {
@@ -199,7 +199,7 @@ class SiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, dim), requires_grad=False)  # fixed sin-cos
         self.blocks = nn.ModuleList(SiTBlock(dim, heads, config.mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(dim, p, self.out_channels)
-        self.router = DepthRouter(dim, 2 * depth, config.routing)  # every sublayer is one routed layer
+        self.router = build_router(dim, 2 * depth, config.routing)  # every sublayer is one routed layer
         self.gradient_checkpointing = False
         self.initialize_weights()
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-ROUTING_MODES = ("residual", "dar")
+ROUTING_MODES = ("residual", "dar", "denseformer", "hyper", "attnres")
+"""``residual`` and ``dar`` are this project's subject; the other three are the cross-layer routers DAR is
+compared with (:mod:`dar.routing.comparison`): DenseFormer's depth-weighted averaging, Hyper-Connections
+and Block Attention Residuals."""
 QUERY_KINDS = ("static", "static_t", "dynamic")
 TIME_QUERY_KINDS = ("shared", "per_layer")
 FINAL_AGGREGATORS = ("dedicated", "reuse_last")
@@ -20,7 +23,8 @@ FINAL_AGGREGATORS = ("dedicated", "reuse_last")
 class RoutingConfig:
     """How sublayer inputs are formed.
 
-    mode: ``residual`` is the plain SiT stream ``h <- h + v`` (bit for bit); ``dar`` routes.
+    mode: ``residual`` is the plain SiT stream ``h <- h + v`` (bit for bit); ``dar`` routes; ``denseformer``,
+        ``hyper`` and ``attnres`` are the comparison routers (their options below apply to them only).
     query: ``static`` | ``static_t`` | ``dynamic`` (docs/METHOD.md §3).
     chunk_size: S of the chunked history (docs/METHOD.md §4); 1 = dense full history, 4 = the paper's
         "c4" (default). At most the number of routed sublayers.
@@ -29,6 +33,12 @@ class RoutingConfig:
         beyond ``static``; ``per_layer``: every aggregator owns such a projection.
     final: ``dedicated`` (default) gives the final layer its own aggregator; ``reuse_last`` applies the
         last sublayer's aggregator to the final source set, as the paper does with REPA.
+    block_size: sublayers per block of ``denseformer`` (its averaging follows every block) and ``attnres``
+        (a block's partial sum becomes one source); 2 = one SiT block (attention + MLP).
+    dilation, period: ``denseformer``'s sparsity: average over every ``dilation``-th earlier block output,
+        after every ``period``-th block (1, 1 = dense, every block).
+    expansion: ``hyper``'s number of parallel residual streams n (4 in its paper).
+    dynamic: ``hyper``'s input-dependent connection weights on top of the static ones.
     """
 
     mode: str = "dar"
@@ -36,6 +46,11 @@ class RoutingConfig:
     chunk_size: int = 4
     time_query: str = "shared"
     final: str = "dedicated"
+    block_size: int = 2
+    dilation: int = 1
+    period: int = 1
+    expansion: int = 4
+    dynamic: bool = True
 
     def __post_init__(self):
         for name, value, choices in (
@@ -46,22 +61,32 @@ class RoutingConfig:
         ):
             if value not in choices:
                 raise ValueError(f"routing.{name}={value!r} is not one of {', '.join(choices)}")
-        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
-            raise ValueError(f"routing.chunk_size must be a positive integer, got {self.chunk_size!r}")
+        for name in ("chunk_size", "block_size", "dilation", "period", "expansion"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"routing.{name} must be a positive integer, got {value!r}")
 
     def check_depth(self, num_layers: int) -> None:
-        """A chunk longer than the stack would silently mean "dense": refuse it, naming both numbers."""
+        """A chunk or block longer than the stack would silently mean something else: refuse it."""
         if self.mode == "dar" and self.chunk_size > num_layers:
             raise ValueError(
                 f"routing.chunk_size={self.chunk_size} is larger than the {num_layers} routed sublayers; "
                 f"use 1..{num_layers} (chunk_size=1 is the dense full history)"
             )
+        if self.mode in ("denseformer", "attnres") and (self.block_size > num_layers or num_layers % self.block_size):
+            raise ValueError(f"routing.block_size={self.block_size} must divide the {num_layers} routed sublayers")
 
     @property
     def describe(self) -> str:
         if self.mode == "residual":
             return "residual"
-        return f"dar-{self.query}-c{self.chunk_size}"
+        if self.mode == "dar":
+            return f"dar-{self.query}-c{self.chunk_size}"
+        if self.mode == "denseformer":
+            return f"denseformer-b{self.block_size}" + (f"-d{self.dilation}p{self.period}" if self.dilation * self.period > 1 else "")
+        if self.mode == "hyper":
+            return f"hyper-n{self.expansion}-{'dynamic' if self.dynamic else 'static'}"
+        return f"attnres-b{self.block_size}"
 
 
 def source_indices(layer: int, num_layers: int, chunk_size: int) -> list[int]:
