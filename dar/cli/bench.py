@@ -11,11 +11,12 @@ from dar.routing import BACKENDS
 
 
 def add_parser(subparsers) -> None:
-    from dar.study.bench import BENCH_PRESETS, VARIANTS
+    from dar.study.bench import BENCH_PRESETS, DEFAULT_VARIANTS, VARIANTS
 
     p = subparsers.add_parser("bench", help="time residual vs DAR variants side by side")
     p.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS))
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated, from: " + ", ".join(VARIANTS) + " (default: residual and the DAR ones)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=10)

@@ -36,7 +36,8 @@ def run(args) -> int:
     print(f"model       {config.model.arch}, {config.model.in_channels}x{config.model.input_size}^2 input, "
           f"{config.model.num_classes} classes")
     print(f"routing     {routing.describe}  (query={routing.query}, chunk_size={routing.chunk_size}, "
-          f"final={routing.final}, time_query={routing.time_query})" if routing.mode == "dar" else "routing     residual")
+          f"final={routing.final}, time_query={routing.time_query})" if routing.mode == "dar"
+          else f"routing     {routing.describe}")
     print(f"parameters  {p['total']:,} total, {p['trainable']:,} trainable, {p['routing']:,} routing")
     if info["source_set_sizes"]:
         print(f"sources     per aggregator: {info['source_set_sizes']}")

@@ -32,7 +32,12 @@ VARIANTS = {
     "static-c1": RoutingConfig(query="static", chunk_size=1),
     "static_t-c1": RoutingConfig(query="static_t", chunk_size=1),
     "dynamic-c1": RoutingConfig(query="dynamic", chunk_size=1),
+    # the comparison routers (not in the default set)
+    "denseformer": RoutingConfig(mode="denseformer"),
+    "hyper-n4": RoutingConfig(mode="hyper", expansion=4),
+    "attnres": RoutingConfig(mode="attnres"),
 }
+DEFAULT_VARIANTS = tuple(name for name, routing in VARIANTS.items() if routing.mode in ("residual", "dar"))
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,8 @@ def run_bench(preset: str, variants: list[str], device: str, precision: str, rep
     for name in variants:
         torch.manual_seed(seed)
         model = build_model(replace(m, routing=VARIANTS[name])).to(dev)
-        model.router.set_backend(backend)
+        if VARIANTS[name].mode in ("residual", "dar"):  # the fused backends are DAR's
+            model.router.set_backend(backend)
         for p in model.parameters():  # leave adaLN-Zero's zero start so every path does real work
             if p.requires_grad and p.dim() >= 1:
                 p.data.add_(torch.randn_like(p) * 0.02)

@@ -256,7 +256,7 @@ def stream_statistics(model, x1: torch.Tensor, x0: torch.Tensor, y: torch.Tensor
     z = block_states(recorder.inputs)
     # autograd.grad computes only activation gradients (no parameter .grad is touched)
     dz = torch.autograd.grad(loss, z)
-    routed = model.router.config.mode != "residual"
+    routed = model.router.config.mode == "dar"
     return StreamStatistics(
         loss=loss.item() / x1.shape[0],
         forward_rms=np.array([rms(zk) for zk in z]),
@@ -422,7 +422,7 @@ def diagnose_model(model, run_config: RunConfig, settings: DiagnoseSettings) -> 
     device = next(model.parameters()).device
     num_layers = model.router.num_layers
     routing_layers = resolve_layers(settings.layers, num_layers)  # fail before the expensive part
-    routed = model.router.config.mode != "residual"
+    mode = model.router.config.mode
     split = settings.split or held_out_split(run_config.data)
     transport = Transport(run_config.transport_path)
     data = run_config.data
@@ -437,9 +437,9 @@ def diagnose_model(model, run_config: RunConfig, settings: DiagnoseSettings) -> 
         stats = stream_statistics(model, x1, x0, y, tt, transport)
         entry = {"t": t, "loss": stats.loss, "forward_rms": stats.forward_rms, "backward_rms": stats.backward_rms,
                  "cosine_next": stats.cosine_next}
-        if routed:
+        if mode == "dar":
             entry["routing_alpha"] = stats.routing
-        else:
+        elif mode == "residual":  # the comparison routers get the symptoms and the probe only
             importance = gate_importance(model, x1, x0, y, tt, transport)
             entry["gate_gradient"] = importance
             entry["gate_gradient_normalised"] = normalise_per_layer(importance)
@@ -454,7 +454,7 @@ def diagnose_model(model, run_config: RunConfig, settings: DiagnoseSettings) -> 
                              settings.batch)
     fits = [ridge_probe(f, pt, settings.seed) for f in features]
 
-    if routed:
+    if mode == "dar":
         source_sets = model.router.source_sets
     else:
         source_sets = [list(range(layer)) for layer in range(1, num_layers + 2)]

@@ -50,7 +50,7 @@ def write_figures(report: dict, out_dir: str | Path) -> list[Path]:
         if entry["routing"] == "residual":
             figures[f"importance_{name}.png"] = importance_figure(entry, normalised=False)
             figures[f"importance_normalised_{name}.png"] = importance_figure(entry, normalised=True)
-        else:
+        elif entry["routing"].startswith("dar-"):
             figures[f"routing_by_t_{name}.png"] = routing_by_t_figure(entry)
             figures[f"routing_by_layer_{name}.png"] = routing_by_layer_figure(entry)
     figures["probe.png"] = probe_figure(report)
