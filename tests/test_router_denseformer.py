@@ -334,3 +334,10 @@ def test_bf16_autocast_is_close_to_fp32():
         model(x, t, y).float().square().mean().backward()
     for alpha in model.router.alphas:
         assert alpha.grad.dtype == torch.float32 and torch.isfinite(alpha.grad).all()
+
+
+def test_config_refuses_a_period_or_dilation_beyond_the_blocks():
+    from dar.training.config import resolve
+
+    with pytest.raises(ValueError, match="routing.period=7 must be at most the 6 blocks of 2 sublayers"):
+        resolve("fmnist", ["model.routing.mode=denseformer", "model.routing.period=7"])

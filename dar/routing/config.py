@@ -75,6 +75,10 @@ class RoutingConfig:
             )
         if self.mode in ("denseformer", "attnres") and (self.block_size > num_layers or num_layers % self.block_size):
             raise ValueError(f"routing.block_size={self.block_size} must divide the {num_layers} routed sublayers")
+        blocks = num_layers // self.block_size
+        if self.mode == "denseformer" and max(self.dilation, self.period) > blocks:
+            raise ValueError(f"routing.dilation={self.dilation} and routing.period={self.period} must be at most the "
+                             f"{blocks} blocks of {self.block_size} sublayers (larger would average nothing)")
 
     @property
     def describe(self) -> str:
