@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +150,12 @@ def test_shipped_study_configs_resolve(name):
     from dar.models.sit import ARCHITECTURES
 
     assert all(ARCHITECTURES[c.model.arch.split("/")[0]][0] >= 12 for *_, c in runs)  # residual symptoms need depth
+
+
+def test_the_published_study_keeps_its_run_directory_names():
+    """docs/RESULTS.md names these directories; a config field added later (at its default) must not rename
+    them, or rerunning the study would retrain it from scratch instead of continuing."""
+    dirs = run_dirs(load_experiment(Path(__file__).parents[1] / "configs" / "fmnist_study.toml"), Path("out"))
+    names = {variant: dirs["main", variant, 0].name for variant in ("residual", "static", "static_t", "dynamic")}
+    assert names == {"residual": "9681b8b91340", "static": "07c2548113b7", "static_t": "61fa1d884fdd",
+                     "dynamic": "3da90a3cdfad"}

@@ -65,11 +65,11 @@ def test_ode_solvers_reach_the_exact_flow_map(method, steps, tol):
     assert info["nfe"] > 0
 
 
-@pytest.mark.parametrize("form, start", [("sigma", 0.0), ("SBDM", 0.04)])
-def test_sde_sampler_matches_data_distribution_and_reports_nfe(form, start):
+@pytest.mark.parametrize("form", ["sigma", "SBDM"])
+def test_sde_sampler_matches_data_distribution_and_reports_nfe(form):
     model = GaussianVelocity()
     noise = torch.randn(4000, 1, 4, 4)
-    config = SamplerConfig(method="sde", steps=100, diffusion_form=form, sde_start=start)
+    config = SamplerConfig(method="sde", steps=100, diffusion_form=form)
     x, info = sample(model, noise, torch.zeros(4000, dtype=torch.long), config,
                      generator=torch.Generator().manual_seed(0))
     assert info["nfe"] == 100 == model.calls
@@ -106,8 +106,23 @@ def test_bad_sampler_config_names_the_field():
         Transport("cosine")
 
 
-def test_sbdm_needs_a_positive_start():
-    with pytest.raises(ValueError, match="SBDM is singular at t = 0"):
+def test_sde_forms_and_their_start():
+    with pytest.raises(ValueError, match="SBDM form is singular at t = 0"):
         SamplerConfig(method="sde", diffusion_form="SBDM", sde_start=0.0)
     with pytest.raises(ValueError, match="diffusion_form='ito' is not one of sigma, SBDM"):
         SamplerConfig(method="sde", diffusion_form="ito")
+
+
+@pytest.mark.parametrize("form, first_t", [("sigma", 0.0), ("SBDM", 0.04)])
+def test_sde_starts_where_sits_sampler_does(form, first_t):
+    """SiT's check_interval: the sigma form integrates from t = 0, SBDM (singular there) from its start."""
+    seen = []
+
+    class Recorder(GaussianVelocity):
+        def forward(self, x, t, y):
+            seen.append(float(t[0]))
+            return super().forward(x, t, y)
+
+    sample(Recorder(), torch.randn(2, 1, 2, 2), torch.zeros(2, dtype=torch.long),
+           SamplerConfig(method="sde", steps=5, diffusion_form=form), generator=torch.Generator().manual_seed(0))
+    assert seen[0] == pytest.approx(first_t) and seen[-1] == pytest.approx(0.96) and len(seen) == 5

@@ -26,8 +26,8 @@ class SamplerConfig:
     (correct) or ``legacy3``, DiT/SiT's guidance of the first 3 channels only, to reproduce their
     published numbers. diffusion_form: the SDE's diffusion coefficient w(t): ``sigma`` (w = sigma_t, 1 - t on
     the linear path; the default of SiT's sampling scripts, behind its published FIDs) or ``SBDM``
-    (w = (1 - t) / t on the linear path, singular at t = 0). sde_start: first SDE time (SiT: 0 for sigma,
-    > 0 for SBDM). last_step_size: SiT's final noise-free "Mean" SDE step."""
+    (w = (1 - t) / t on the linear path, singular at t = 0). sde_start: first time of the SBDM form (the
+    sigma form starts at t = 0, as SiT's). last_step_size: SiT's final noise-free "Mean" SDE step."""
 
     method: str = "euler"
     steps: int = 50
@@ -37,7 +37,7 @@ class SamplerConfig:
     atol: float = 1e-6
     rtol: float = 1e-3
     diffusion_form: str = "sigma"
-    sde_start: float = 0.0
+    sde_start: float = 0.04
     last_step_size: float = 0.04
 
     def __post_init__(self):
@@ -54,10 +54,9 @@ class SamplerConfig:
             raise ValueError(f"sampler.cfg_scale={self.cfg_scale} must be >= 0")
         if self.diffusion_form not in DIFFUSION_FORMS:
             raise ValueError(f"sampler.diffusion_form={self.diffusion_form!r} is not one of {', '.join(DIFFUSION_FORMS)}")
-        if not 0 <= self.sde_start < 1 - self.last_step_size <= 1:
-            raise ValueError("sampler.sde_start and sampler.last_step_size must satisfy 0 <= start < 1 - last_step")
-        if self.diffusion_form == "SBDM" and self.sde_start <= 0:
-            raise ValueError("sampler.diffusion_form=SBDM is singular at t = 0: give sampler.sde_start > 0 (e.g. 0.04)")
+        if not 0 < self.sde_start < 1 - self.last_step_size <= 1:
+            raise ValueError("sampler.sde_start and sampler.last_step_size must satisfy 0 < start < 1 - last_step "
+                             "(the SBDM form is singular at t = 0)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,9 +140,11 @@ def sample(
 
 def _sde_euler_maruyama(x, velocity, transport, config, generator, at):
     """SiT's SDE sampler: Euler-Maruyama on dx = [v + w s] dt + sqrt(2w) dW over steps-1 intervals
-    of [sde_start, 1 - last_step_size], then one noise-free "Mean" step of size last_step_size."""
+    of [start, 1 - last_step_size] (start: 0 for the sigma form, sde_start for SBDM, as SiT's
+    check_interval), then one noise-free "Mean" step of size last_step_size."""
     t_end = 1.0 - config.last_step_size
-    grid = torch.linspace(config.sde_start, t_end, config.steps).tolist()
+    start = 0.0 if config.diffusion_form == "sigma" else config.sde_start
+    grid = torch.linspace(start, t_end, config.steps).tolist()
 
     def drift(x_, t_):
         v = velocity(x_, t_)

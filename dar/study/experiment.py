@@ -103,15 +103,38 @@ def load_experiment(path: str | Path) -> Experiment:
     return experiment
 
 
+# Config fields added after studies were first recorded. At their defaults they are left out of a run's
+# name, so a study's existing run directories keep their names (and continue) under newer code.
+LATER_FIELDS = ("model.routing.block_size", "model.routing.dilation", "model.routing.period",
+                "model.routing.expansion", "model.routing.dynamic", "train.parallel", "data.bad_images",
+                "data.vae", "sampler.diffusion_form")
+
+
 def run_dir(out: Path, config: RunConfig) -> Path:
     """Named by the config minus bookkeeping fields, so extending train.steps continues the same runs."""
     from dar.training.trainer import RESUMABLE_CHANGES
 
-    data = config.to_dict()
+    data, defaults = config.to_dict(), RunConfig().to_dict()
     for key in RESUMABLE_CHANGES:
-        section, name = key.split(".")
-        data[section].pop(name, None)
+        _pop(data, key)
+    for key in LATER_FIELDS:
+        if _get(data, key) == _get(defaults, key):
+            _pop(data, key)
     return out / "runs" / hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _get(tree: dict, key: str):
+    *parents, name = key.split(".")
+    for part in parents:
+        tree = tree.get(part, {})
+    return tree.get(name)
+
+
+def _pop(tree: dict, key: str) -> None:
+    *parents, name = key.split(".")
+    for part in parents:
+        tree = tree.get(part, {})
+    tree.pop(name, None)
 
 
 def run_dirs(experiment: Experiment, out: Path) -> dict[tuple[str, str, int], Path]:
