@@ -159,3 +159,12 @@ def test_the_published_study_keeps_its_run_directory_names():
     names = {variant: dirs["main", variant, 0].name for variant in ("residual", "static", "static_t", "dynamic")}
     assert names == {"residual": "9681b8b91340", "static": "07c2548113b7", "static_t": "61fa1d884fdd",
                      "dynamic": "3da90a3cdfad"}
+
+
+def test_the_routers_study_reuses_the_main_studys_runs():
+    configs = Path(__file__).parents[1] / "configs"
+    routers = run_dirs(load_experiment(configs / "routers_study.toml"), Path("out"))
+    main = run_dirs(load_experiment(configs / "fmnist_study.toml"), Path("out"))
+    for variant in ("residual", "static_t", "dynamic"):
+        assert routers["routers", variant, 2] == main["main", variant, 2]
+    assert len(set(routers.values()) - set(main.values())) == 9  # 3 routers x 3 seeds are new
