@@ -12,3 +12,28 @@ initialisation, starting as the plain residual where the method does), ``set_bac
 which returns a stream with ``next_input()``, ``push(v)``, ``final_input()`` and ``weights`` (None, or
 per-layer mixing weights when recorded). A sublayer is one routed layer, as in DAR: L = 2 x depth.
 """
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from dar.routing.config import RoutingConfig
+
+BACKENDS = ("auto", "torch")
+
+
+class ComparisonRouter(nn.Module):
+    """What the comparison routers share: the depth check, their sizes and the backend refusal."""
+
+    def __init__(self, dim: int, num_layers: int, config: RoutingConfig):
+        super().__init__()
+        config.check_depth(num_layers)
+        self.dim = dim
+        self.num_layers = num_layers
+        self.config = config
+
+    def set_backend(self, backend: str) -> None:
+        """Only ``auto`` / ``torch``: the fused backends (recompute, triton) are DAR's."""
+        if backend not in BACKENDS:
+            raise ValueError(f"routing backend {backend!r}: routing.mode={self.config.mode} runs on "
+                             f"{' / '.join(BACKENDS)} only (the fused backends recompute and triton are DAR's)")

@@ -36,10 +36,9 @@ import torch
 import torch.nn as nn
 
 from dar.routing.backends import torch_aggregate
+from dar.routing.comparison import ComparisonRouter
 from dar.routing.config import RoutingConfig
 from dar.routing.ops import inverse_rms
-
-BACKENDS = ("auto", "torch")
 
 
 class AttnResAggregator(nn.Module):
@@ -55,15 +54,11 @@ class AttnResAggregator(nn.Module):
         return self.query * self.key_gain
 
 
-class BlockAttnResRouter(nn.Module):
+class BlockAttnResRouter(ComparisonRouter):
     """Block AttnRes over ``num_layers`` sublayers of width ``dim``, blocks of ``config.block_size``."""
 
     def __init__(self, dim: int, num_layers: int, config: RoutingConfig):
-        super().__init__()
-        config.check_depth(num_layers)
-        self.dim = dim
-        self.num_layers = num_layers
-        self.config = config
+        super().__init__(dim, num_layers, config)
         self.block_size = config.block_size
         self.num_blocks = num_layers // config.block_size
         # aggregators[k] forms the input of layer k + 2 (k = num_layers - 1: the final input)
@@ -77,12 +72,6 @@ class BlockAttnResRouter(nn.Module):
             nn.init.zeros_(aggregator.query)
             nn.init.ones_(aggregator.key_gain)
 
-    def set_backend(self, backend: str) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"routing backend {backend!r} is not one of {', '.join(BACKENDS)} for routing.mode=attnres "
-                "(the fused backends recompute and triton are DAR's)"
-            )
 
     def sources_of(self, layer: int) -> list[tuple[int, int]]:
         """What each source of ``layer`` (1-based; ``num_layers + 1`` = final) sums, as inclusive ranges

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from dar.routing.comparison import ComparisonRouter
 from dar.routing.config import RoutingConfig
 from dar.routing.ops import compiling, stat_dtype
 
@@ -99,7 +100,7 @@ def depth_weighted_average(alpha: torch.Tensor, sources) -> torch.Tensor:
     return _DepthWeightedAverage.apply(alpha, *sources)
 
 
-class DenseFormerRouter(nn.Module):
+class DenseFormerRouter(ComparisonRouter):
     """The DWA weights of a stack of ``num_layers`` sublayers grouped into ``num_layers / block_size``
     blocks (module docstring). Attributes besides the protocol's:
 
@@ -109,11 +110,7 @@ class DenseFormerRouter(nn.Module):
     """
 
     def __init__(self, dim: int, num_layers: int, config: RoutingConfig):
-        super().__init__()
-        config.check_depth(num_layers)
-        self.dim = dim
-        self.num_layers = num_layers
-        self.config = config
+        super().__init__(dim, num_layers, config)
         self.block_size = config.block_size
         self.num_blocks = N = num_layers // config.block_size
         k, p = config.dilation, config.period
@@ -141,11 +138,6 @@ class DenseFormerRouter(nn.Module):
                 alpha.zero_()
                 alpha[-1] = 1.0
 
-    def set_backend(self, backend: str) -> None:
-        """Only ``auto`` / ``torch``: a DWA is a short weighted sum of tensors (one autograd node)."""
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"routing backend {backend!r}: the fused backends are DAR's; "
-                             "the denseformer router runs on 'auto' / 'torch' only")
 
     def alpha_matrix(self) -> torch.Tensor:
         """The paper's weight matrix, detached fp32 [N, N + 1]: row i-1 is Y_i over X_0..X_N (the

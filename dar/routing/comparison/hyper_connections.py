@@ -76,12 +76,12 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from dar.routing.comparison import ComparisonRouter
 from dar.routing.config import RoutingConfig
 from dar.routing.ops import inverse_rms, stat_dtype
 
 __all__ = ["HyperConnectionsRouter", "HyperConnectionsStream", "parameter_count"]
 
-BACKENDS = ("auto", "torch")
 DYNAMIC_SCALE_INIT = 0.01  # s_alpha, s_beta at initialisation (the paper's)
 
 
@@ -99,16 +99,12 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-class HyperConnectionsRouter(nn.Module):
+class HyperConnectionsRouter(ComparisonRouter):
     """The connection matrices of ``num_layers`` hyper-connected sublayers of width ``dim`` with
     ``config.expansion`` streams (static, plus dynamic terms when ``config.dynamic``); module docstring."""
 
     def __init__(self, dim: int, num_layers: int, config: RoutingConfig):
-        super().__init__()
-        config.check_depth(num_layers)
-        self.dim = dim
-        self.num_layers = num_layers
-        self.config = config
+        super().__init__(dim, num_layers, config)
         self.expansion = n = config.expansion
         self.dynamic = config.dynamic
         L = num_layers
@@ -139,13 +135,6 @@ class HyperConnectionsRouter(nn.Module):
                 self.alpha_scale.fill_(DYNAMIC_SCALE_INIT)
                 self.beta_scale.fill_(DYNAMIC_SCALE_INIT)
 
-    def set_backend(self, backend: str) -> None:
-        """Only ``auto`` / ``torch``: the fused backends are DAR's."""
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"routing backend {backend!r} is DAR's; the hyper router runs on 'auto' / 'torch' only "
-                "(the fused backends recompute and triton are DAR's)"
-            )
 
     def connection_weights(self, layer: int, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer`` (1-based)'s ``alpha = [A_m | A_r]`` and ``beta = B`` for the streams ``H``
