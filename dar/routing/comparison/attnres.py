@@ -72,7 +72,6 @@ class BlockAttnResRouter(ComparisonRouter):
             nn.init.zeros_(aggregator.query)
             nn.init.ones_(aggregator.key_gain)
 
-
     def sources_of(self, layer: int) -> list[tuple[int, int]]:
         """What each source of ``layer`` (1-based; ``num_layers + 1`` = final) sums, as inclusive ranges
         ``(first, last)`` of the indices i of v_i: ``(0, 0)`` is b_0, then the finished blocks, then the

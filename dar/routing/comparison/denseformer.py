@@ -138,7 +138,6 @@ class DenseFormerRouter(ComparisonRouter):
                 alpha.zero_()
                 alpha[-1] = 1.0
 
-
     def alpha_matrix(self) -> torch.Tensor:
         """The paper's weight matrix, detached fp32 [N, N + 1]: row i-1 is Y_i over X_0..X_N (the
         identity row where block i has no DWA, zeros outside S_i)."""

@@ -135,7 +135,6 @@ class HyperConnectionsRouter(ComparisonRouter):
                 self.alpha_scale.fill_(DYNAMIC_SCALE_INIT)
                 self.beta_scale.fill_(DYNAMIC_SCALE_INIT)
 
-
     def connection_weights(self, layer: int, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer`` (1-based)'s ``alpha = [A_m | A_r]`` and ``beta = B`` for the streams ``H``
         [n, B, T, D] (in the wide dtype, autocast off): alpha [n, n+1, B, T] (or [n, n+1, 1, 1] when
