@@ -238,3 +238,14 @@ def test_same_weights_have_the_same_hash_whatever_the_metadata_order(tmp_path):
     assert weights_sha256(tmp_path / "one.safetensors") == weights_sha256(tmp_path / "two.safetensors")
     save_file({**tensors, "b": torch.arange(1, 5)}, str(tmp_path / "three.safetensors"))
     assert weights_sha256(tmp_path / "three.safetensors") != weights_sha256(tmp_path / "one.safetensors")
+
+
+def test_pruning_tolerates_a_checkpoint_another_process_already_removed(tmp_path, monkeypatch):
+    import dar.training.checkpoint as checkpoint
+
+    train(tiny("train.steps=2"), tmp_path, progress=False)
+    real = checkpoint.list_checkpoints
+    vanished = tmp_path / "checkpoints" / "step_0000001"  # listed, then removed by a concurrent pruner
+    monkeypatch.setattr(checkpoint, "list_checkpoints", lambda run_dir: [vanished, *real(run_dir)])
+    train(tiny("train.steps=4", "train.keep_checkpoints=1"), tmp_path, progress=False)
+    assert [p.name for p in real(tmp_path)] == ["step_0000004"]
