@@ -17,6 +17,7 @@ and Block Attention Residuals."""
 QUERY_KINDS = ("static", "static_t", "dynamic")
 TIME_QUERY_KINDS = ("shared", "per_layer")
 FINAL_AGGREGATORS = ("dedicated", "reuse_last")
+CHUNK_SUMMARIES = ("last", "sum")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class RoutingConfig:
         beyond ``static``; ``per_layer``: every aggregator owns such a projection.
     final: ``dedicated`` (default) gives the final layer its own aggregator; ``reuse_last`` applies the
         last sublayer's aggregator to the final source set, as the paper does with REPA.
+    summary: what stands for a finished chunk in later source sets: ``last`` (the paper's: its last output
+        v_{nS}) or ``sum`` (NOT the paper's: the sum of the chunk's outputs, so that with zero queries every
+        input is the residual stream over its source count, which a LayerNorm before each sublayer removes:
+        a pretrained residual model converted to DAR keeps its function, docs/METHOD.md §12).
     block_size: sublayers per block of ``denseformer`` (its averaging follows every block) and ``attnres``
         (a block's partial sum becomes one source); 2 = one SiT block (attention + MLP).
     dilation, period: ``denseformer``'s sparsity: average over every ``dilation``-th earlier block output,
@@ -46,6 +51,7 @@ class RoutingConfig:
     chunk_size: int = 4
     time_query: str = "shared"
     final: str = "dedicated"
+    summary: str = "last"
     block_size: int = 2
     dilation: int = 1
     period: int = 1
@@ -58,6 +64,7 @@ class RoutingConfig:
             ("query", self.query, QUERY_KINDS),
             ("time_query", self.time_query, TIME_QUERY_KINDS),
             ("final", self.final, FINAL_AGGREGATORS),
+            ("summary", self.summary, CHUNK_SUMMARIES),
         ):
             if value not in choices:
                 raise ValueError(f"routing.{name}={value!r} is not one of {', '.join(choices)}")
@@ -85,7 +92,7 @@ class RoutingConfig:
         if self.mode == "residual":
             return "residual"
         if self.mode == "dar":
-            return f"dar-{self.query}-c{self.chunk_size}"
+            return f"dar-{self.query}-c{self.chunk_size}" + ("-sum" if self.summary == "sum" else "")
         if self.mode == "denseformer":
             return f"denseformer-b{self.block_size}" + (f"-d{self.dilation}p{self.period}" if self.dilation * self.period > 1 else "")
         if self.mode == "hyper":

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from dar.routing import backends
 from dar.routing.config import RoutingConfig, reader_ranges, source_indices
-from dar.routing.ops import compiling, inverse_rms, mix, source_logits
+from dar.routing.ops import compiling, inverse_rms, mix, source_logits, stat_dtype
 
 BACKENDS = ("auto", *backends.BACKENDS)
 
@@ -253,12 +253,17 @@ class RoutingStream:
         return self._aggregate(self.layer)
 
     def push(self, v: torch.Tensor) -> None:
-        self._remember(self.layer, v)
+        S = self.router.config.chunk_size
+        finishes_chunk = self.layer % S == 0 and self.layer < self.router.num_layers  # and a later one reads it
+        if finishes_chunk and self.router.config.summary == "sum":
+            # the chunk's summary is the sum of its outputs (v_{nS} is read only as the summary)
+            members = [self.history[i][0] for i in range(self.layer - S + 1, self.layer)]
+            self._remember(self.layer, sum(members, v.to(stat_dtype(v.dtype))))  # accumulated in fp32 at least
+        else:
+            self._remember(self.layer, v)
         self.latest = v
         self.layer += 1
-        S = self.router.config.chunk_size
-        if (self.layer - 1) % S == 0 and self.layer <= self.router.num_layers:
-            # a chunk just finished: its non-summary members are never read again
+        if finishes_chunk:  # its non-summary members are never read again
             for i in range(self.layer - S, self.layer - 1):
                 self.history.pop(i, None)
                 self.logits.pop(i, None)

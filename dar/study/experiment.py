@@ -107,7 +107,7 @@ def load_experiment(path: str | Path) -> Experiment:
 # name, so a study's existing run directories keep their names (and continue) under newer code.
 LATER_FIELDS = ("model.routing.block_size", "model.routing.dilation", "model.routing.period",
                 "model.routing.expansion", "model.routing.dynamic", "train.parallel", "data.bad_images",
-                "data.vae", "sampler.diffusion_form")
+                "data.vae", "sampler.diffusion_form", "model.routing.summary", "train.init_from")
 
 
 def run_dir(out: Path, config: RunConfig) -> Path:

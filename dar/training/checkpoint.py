@@ -34,7 +34,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from dar.errors import CheckpointError
 from dar.files import check_free_space, fsync_dir
 from dar.models.sit import SiT, build_model
-from dar.provenance import package_versions
+from dar.provenance import package_versions, weights_sha256
 from dar.routing import upgrade_legacy_keys
 from dar.training.config import RunConfig
 from dar.training.parallel import load_full_state_dict, shard_optimizer_state_dict
@@ -251,6 +251,32 @@ def read_state(path: Path) -> dict:
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{state_file}: field config is missing or not a table")
     return state
+
+
+def load_pretrained(path: str | Path, model, ema, config: RunConfig) -> dict:
+    """Start a new run from another model's weights (``train.init_from``): every non-router weight must be
+    in the file with the model's shape; router weights the file has with the same shapes are loaded, the
+    others keep their initialisation (a residual model converted to DAR: uniform routing). EMA and model
+    start equal. Returns what was loaded, for the run's record."""
+    file = weights_file(path, "ema")
+    tensors, _ = read_weights(file)
+    target = build_model(config.model).state_dict()  # the router's own initialisation (deterministic)
+    missing = sorted(k for k in target if k not in tensors and not k.startswith("router."))
+    foreign = sorted(k for k in tensors if k not in target and not k.startswith("router."))
+    if missing or foreign:
+        raise CheckpointError(f"{file} does not fit {config.model.arch}: missing {missing[:4]}, unexpected {foreign[:4]}")
+    for key in target:
+        if key in tensors and tensors[key].shape != target[key].shape and not key.startswith("router."):
+            raise CheckpointError(f"{file}: {key} has shape {tuple(tensors[key].shape)} there but "
+                                  f"{tuple(target[key].shape)} in the model")
+    routing = sorted(k for k in target if k.startswith("router.") and k in tensors
+                     and tensors[k].shape == target[k].shape)
+    merged = {k: tensors[k] if (k in tensors and not k.startswith("router.")) or k in routing else v
+              for k, v in target.items()}
+    load_state_into(model, merged, file)
+    load_state_into(ema, merged, file)
+    return {"file": str(file), "weights_sha256": weights_sha256(file), "router_weights_loaded": len(routing),
+            "router_weights_initialised": sum(k.startswith("router.") for k in target) - len(routing)}
 
 
 def load_training_state(path: Path, model, ema, optimizer) -> dict:

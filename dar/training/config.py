@@ -67,6 +67,9 @@ class TrainConfig:
     eval_every: int = 0  # periodic in-domain evaluation of EMA samples; 0 disables
     eval_samples: int = 1000
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk (0 keeps all)
+    # a new run starts from these weights (run dir, checkpoint dir or .safetensors; EMA weights of a run),
+    # e.g. a residual model converted to DAR: shared weights are loaded, the router keeps its own init
+    init_from: str | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

@@ -44,6 +44,7 @@ from dar.models.sit import build_model, count_parameters
 from dar.seeds import Stream, seeded_generator
 from dar.training.checkpoint import (
     latest_checkpoint,
+    load_pretrained,
     load_training_state,
     read_state,
     remove_partial_checkpoints,
@@ -253,6 +254,7 @@ class Trainer:
         self.log = MetricsLog(run_dir / "metrics.jsonl", env.is_main)
         self.data = data_record(config, self.dataset)
         self.data_changes: list[dict] = []
+        self.init_record: dict | None = None  # train.init_from: what a new run was initialised from
 
     # -- the run directory ------------------------------------------------------------------------
 
@@ -267,6 +269,11 @@ class Trainer:
             if resume:
                 raise CheckpointError(f"--resume given but {run_dir} has no checkpoint")
             self._claim_fresh_run_dir(overwrite)
+            if tc.init_from is not None:
+                self.init_record = load_pretrained(tc.init_from, self.model, self.ema, self.config)
+                if self.env.is_main:
+                    print(f"[dar] initialised from {self.init_record['file']} "
+                          f"({self.init_record['router_weights_initialised']} router tensors at their init)", flush=True)
             return 0
         state = read_state(latest)
         changed = [k for k in config_differences(state["config"], self.config.to_dict()) if k not in RESUMABLE_CHANGES]
@@ -278,6 +285,7 @@ class Trainer:
                              "cannot be shortened; use a new run directory, or give train.steps >= "
                              f"{state['step']} to continue")
         self.data_changes = list(state.get("data_changes", []))
+        self.init_record = state.get("init_from")
         self._check_same_data(state.get("data"), latest, allow_data_change)
         load_training_state(latest, self.model, self.ema, self.optimizer)
         return state["step"]
@@ -419,7 +427,8 @@ class Trainer:
             parallel = tc.parallel if env.world_size > 1 or self.sharded else "single"
             path = save_checkpoint(self.run_dir, step, self.config, model, ema, optimizer,
                                    {"data_position": step * tc.global_batch, "world_size": env.world_size,
-                                    "parallel": parallel, "data": self.data, "data_changes": self.data_changes},
+                                    "parallel": parallel, "data": self.data, "data_changes": self.data_changes,
+                                    "init_from": self.init_record},
                                    keep=tc.keep_checkpoints)
             report.event(f"wrote checkpoint {path}")
         env.barrier()
