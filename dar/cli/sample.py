@@ -58,9 +58,9 @@ def load_decoder(option: str | None, config, device, scale_factor: float | None 
     """The VAE that decodes a latent model's samples: ``--vae``, else the checkpoint's ``data.vae``,
     loaded once on ``device``; None for pixel models, which refuse ``--vae``."""
     from dar.data.vae import DEFAULT_SCALE_FACTOR, load_vae
-    from dar.generation.generate import check_decoder, is_latent_model
+    from dar.generation.generate import check_decoder
 
-    if not is_latent_model(config):
+    if not config.model.is_latent:
         if option is not None or scale_factor is not None:
             raise ValueError(f"--vae/--vae-scale-factor: the checkpoint models {config.model.in_channels}-channel "
                              "pixels, which need no VAE; leave them out")

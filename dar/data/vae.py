@@ -40,6 +40,13 @@ class VAE:
                 "weights_sha256_of": self.weights_sha256_of, "dtype": str(self.dtype).removeprefix("torch."),
                 "config": {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}}
 
+    def check_decodes(self, channels: int, model: str) -> None:
+        """A clear error unless this VAE's latents have ``channels`` channels (those ``model`` makes)."""
+        latent_channels = self.model.config.latent_channels
+        if latent_channels != channels:
+            raise ValueError(f"the VAE {self.source} decodes {latent_channels}-channel latents, but {model} "
+                             f"makes {channels}-channel ones; use the VAE its training latents were made with")
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

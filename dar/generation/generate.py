@@ -39,7 +39,6 @@ LABEL_MODES = ("balanced", "random")
 # What a kill mid-write leaves in the output directory: temporary names of atomic_path (and of the
 # tmp-then-rename writes of earlier versions, ".shard_000001.tmp-PID.npz" and ".samples.tmp-PID.npz")
 LEFTOVER_PATTERNS = ("shards/.shard_*.tmp-*", ".samples*.tmp-*", ".request.json.tmp-*")
-PIXEL_CHANNELS = (1, 3)  # models with other channel counts make latents that a VAE decodes
 DECODE_CHUNK = 16  # latents decoded per VAE call: bounds the decoder's activation memory
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -90,14 +89,10 @@ def sampling_precision(precision: str, device: torch.device):
         yield
 
 
-def is_latent_model(config: RunConfig) -> bool:
-    return config.model.in_channels not in PIXEL_CHANNELS
-
-
 def check_decoder(config: RunConfig, vae: "VAE | None") -> None:
     """A latent model needs a VAE whose latents it models; a pixel model takes none."""
     m = config.model
-    if not is_latent_model(config):
+    if not m.is_latent:
         if vae is not None:
             raise ValueError(f"the checkpoint models {m.in_channels}-channel pixels, which need no VAE; "
                              f"leave out --vae (got {vae.source})")
@@ -105,10 +100,7 @@ def check_decoder(config: RunConfig, vae: "VAE | None") -> None:
     if vae is None:
         raise ValueError(f"the checkpoint models {m.in_channels}-channel latents and names no VAE to decode them "
                          "(its data.vae is not set): pass --vae FOLDER_OR_HUB_ID, e.g. --vae stabilityai/sd-vae-ft-ema")
-    channels = vae.model.config.latent_channels
-    if channels != m.in_channels:
-        raise ValueError(f"the VAE {vae.source} decodes {channels}-channel latents, but the checkpoint models "
-                         f"{m.in_channels} channels; pass the VAE its training latents were made with")
+    vae.check_decodes(m.in_channels, "the checkpoint")
 
 
 def vae_request(record: dict) -> dict:

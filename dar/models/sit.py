@@ -60,6 +60,11 @@ class ModelConfig:
         self.routing.check_depth(2 * self.dims[0])
 
     @property
+    def is_latent(self) -> bool:
+        """Models of other than 1 (grey) or 3 (RGB) channels make latents that a VAE decodes to pixels."""
+        return self.in_channels not in (1, 3)
+
+    @property
     def patch_size(self) -> int:
         return int(self.arch.split("/")[1])
 

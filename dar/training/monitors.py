@@ -29,7 +29,7 @@ class SampleGrid:
         self.class_names = list(dataset.class_names)[:classes]
         self.vae = None
         self.enabled = True
-        if m.in_channels not in (1, 3):  # latents
+        if m.is_latent:
             if config.data.vae is None:
                 self.enabled = False
                 print(f"[dar] no sample grids: the model makes {m.in_channels}-channel latents and data.vae (the VAE "
@@ -63,10 +63,7 @@ def load_grid_vae(config: RunConfig, env: Distributed, dataset):
     except ValueError as error:
         raise ValueError(f"data.vae={config.data.vae}: {error}; fix data.vae, or train without sample grids "
                          "(train.sample_every=0)") from None
-    channels = vae.model.config.latent_channels
-    if channels != config.model.in_channels:
-        raise ValueError(f"data.vae={config.data.vae} decodes {channels}-channel latents, but the model has "
-                         f"model.in_channels={config.model.in_channels}")
+    vae.check_decodes(config.model.in_channels, f"the model (model.in_channels={config.model.in_channels})")
     encoder = (getattr(dataset, "manifest", None) or {}).get("vae") or {}
     if vae.weights_sha256 and encoder.get("weights_sha256") not in (None, vae.weights_sha256):
         print(f"[dar] note: sample grids are decoded by data.vae={config.data.vae} (weights sha256 "
