@@ -74,8 +74,12 @@ class Transport:
         """Per-sample velocity MSE, mean over all non-batch dims. Noise and t come from the caller so
         the trainer controls every random number."""
         xt, ut = self.interpolate(x1, x0, t)
-        prediction = model(xt, t, y)
-        return (prediction.float() - ut.float()).pow(2).mean(dim=tuple(range(1, x1.dim())))
+        return self.velocity_loss(model(xt, t, y), ut)
+
+    @staticmethod
+    def velocity_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE (fp32) between a predicted and the true velocity, mean over non-batch dims."""
+        return (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.dim())))
 
     def score_from_velocity(self, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """grad log p_t(x) from the velocity: with E[x0|x_t] = (alpha v - da x)/(alpha ds - da sigma)."""

@@ -46,6 +46,7 @@ class ModelConfig:
     learn_sigma: bool = False  # official SiT checkpoints: True (extra, unused output channels)
     mlp_ratio: float = 4.0
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    depth: int | None = None  # number of blocks; None = the architecture's (depth studies at fixed width)
 
     def __post_init__(self):
         if self.arch not in ARCH_NAMES:
@@ -55,6 +56,8 @@ class ModelConfig:
         for name in ("input_size", "in_channels", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.depth is not None and self.depth < 1:
+            raise ValueError(f"model.depth must be >= 1 (or none for the architecture's), got {self.depth}")
         if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio * self.dims[1] >= 1):
             raise ValueError(f"model.mlp_ratio must give an MLP of at least one hidden unit, got {self.mlp_ratio}")
         self.routing.check_depth(2 * self.dims[0])
@@ -70,7 +73,28 @@ class ModelConfig:
 
     @property
     def dims(self) -> tuple[int, int, int]:
-        return ARCHITECTURES[self.arch.split("/")[0]]
+        """(blocks, hidden size, heads)."""
+        depth, dim, heads = ARCHITECTURES[self.arch.split("/")[0]]
+        return (self.depth or depth), dim, heads
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """REPA's alignment head (Yu et al., 2024): an MLP applied per token to the input of block ``depth``
+    (0-based, i.e. the state after ``depth`` blocks), mapping it to the ``dim``-dimensional features of a
+    frozen image encoder. Part of the model's weights so that it trains, averages and resumes with them;
+    sampling never calls it."""
+
+    depth: int
+    hidden: int
+    dim: int
+
+
+def _xavier_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -188,7 +212,7 @@ class FinalLayer(nn.Module):
 
 
 class SiT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, projector: ProjectorConfig | None = None):
         super().__init__()
         self.config = config
         depth, dim, heads = config.dims
@@ -207,17 +231,22 @@ class SiT(nn.Module):
         self.router = build_router(dim, 2 * depth, config.routing)  # every sublayer is one routed layer
         self.gradient_checkpointing = False
         self.initialize_weights()
+        self.align_depth = None
+        if projector is not None:
+            # Built and initialised after the network, and registered last: every other weight is drawn
+            # and ordered exactly as without it (same init per seed, same optimizer-state positions).
+            if not 1 <= projector.depth < depth:
+                raise ValueError(f"the alignment depth must lie in [1, {depth - 1}] for {depth} blocks, got {projector.depth}")
+            self.align_depth = projector.depth
+            self.projector = nn.Sequential(
+                nn.Linear(dim, projector.hidden), nn.SiLU(), nn.Linear(projector.hidden, projector.hidden), nn.SiLU(),
+                nn.Linear(projector.hidden, projector.dim),
+            )
+            self.projector.apply(_xavier_linear)  # as REPA, whose SiT initialises its projectors with the rest
 
     def initialize_weights(self):
         """SiT's initialisation, then the router's own (zero queries -> uniform routing)."""
-
-        def basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
+        self.apply(_xavier_linear)
         grid = int(self.pos_embed.shape[1] ** 0.5)
         self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid)).unsqueeze(0))
         w = self.x_embedder.proj.weight.data
@@ -253,6 +282,7 @@ class SiT(nn.Module):
         y: torch.Tensor,
         return_routing: bool = False,
         inspect: Callable | None = None,
+        align: bool = False,
     ):
         """Velocity prediction. x: [B, C, H, W], t: [B] in [0, 1], y: [B] class ids (num_classes = null).
 
@@ -260,23 +290,31 @@ class SiT(nn.Module):
             aggregator (empty for residual models).
         inspect: optional ``stream -> stream`` wrapper used by diagnostics to observe or gate the
             sublayer inputs without changing the model.
+        align: also return the projector's output [B, T, z_dim] for REPA. It reads the input of block
+            ``align_depth``: under the residual stream the hidden state after that many blocks (REPA's
+            choice), under DAR the routed mixture that block itself consumes (there is no single stream).
         """
         v0 = self.x_embedder(x) + self.pos_embed  # [B, T, D]
         t_emb = self.t_embedder(t)  # [B, D]
         c = t_emb + self.y_embedder(y)  # [B, D]
         routed = self.router.begin(v0, t_emb, record_weights=return_routing)
         stream = inspect(routed) if inspect is not None else routed
-        for block in self.blocks:
+        if align and self.align_depth is None:
+            raise ValueError("align=True needs a model built with a projector (repa.enabled=true)")
+        aligned = None
+        for index, block in enumerate(self.blocks):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-            stream.push(self._sublayer(block.attn_update, stream.next_input(), shift_msa, scale_msa, gate_msa))
+            h = stream.next_input()  # [B, T, D]
+            if align and index == self.align_depth:
+                aligned = self.projector(h)  # [B, T, z_dim]
+            stream.push(self._sublayer(block.attn_update, h, shift_msa, scale_msa, gate_msa))
             stream.push(self._sublayer(block.mlp_update, stream.next_input(), shift_mlp, scale_mlp, gate_mlp))
         out = self.final_layer(stream.final_input(), c)  # [B, T, p*p*C_out]
         out = self.unpatchify(out)  # [B, C_out, H, W]
         if self.config.learn_sigma:
             out = out[:, : self.in_channels]  # SiT returns the velocity half only
-        if return_routing:
-            return out, (routed.weights or [])
-        return out
+        extras = ([routed.weights or []] if return_routing else []) + ([aligned] if align else [])
+        return (out, *extras) if extras else out
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
@@ -293,8 +331,8 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def build_model(config: ModelConfig) -> SiT:
-    return SiT(config)
+def build_model(config: ModelConfig, projector: ProjectorConfig | None = None) -> SiT:
+    return SiT(config, projector)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -302,7 +340,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     routing = sum(p.numel() for n, p in model.named_parameters() if n.startswith("router."))
-    return {"total": total, "trainable": trainable, "routing": routing}
+    projector = sum(p.numel() for n, p in model.named_parameters() if n.startswith("projector."))
+    return {"total": total, "trainable": trainable, "routing": routing, "projector": projector}
 
 
 def load_official_sit_state_dict(model: SiT, state_dict: dict[str, torch.Tensor]) -> None:

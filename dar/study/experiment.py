@@ -107,7 +107,8 @@ def load_experiment(path: str | Path) -> Experiment:
 # name, so a study's existing run directories keep their names (and continue) under newer code.
 LATER_FIELDS = ("model.routing.block_size", "model.routing.dilation", "model.routing.period",
                 "model.routing.expansion", "model.routing.dynamic", "train.parallel", "data.bad_images",
-                "data.vae", "sampler.diffusion_form", "model.routing.summary", "train.init_from")
+                "data.vae", "sampler.diffusion_form", "model.routing.summary", "train.init_from",
+                "model.depth", "train.router_lr_scale", "repa")
 
 
 def run_dir(out: Path, config: RunConfig) -> Path:
@@ -117,6 +118,7 @@ def run_dir(out: Path, config: RunConfig) -> Path:
     data, defaults = config.to_dict(), RunConfig().to_dict()
     for key in RESUMABLE_CHANGES:
         _pop(data, key)
+        _pop(defaults, key)
     for key in LATER_FIELDS:
         if _get(data, key) == _get(defaults, key):
             _pop(data, key)

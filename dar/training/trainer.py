@@ -33,6 +33,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -52,6 +53,7 @@ from dar.training.checkpoint import (
 )
 from dar.training.config import RunConfig
 from dar.training.monitors import PeriodicEval, SampleGrid
+from dar.training.repa import alignment_loss, alignment_targets
 from dar.training.parallel import (
     full_optimizer_state_dict,
     full_state_dict,
@@ -71,15 +73,27 @@ from dar.training.runtime import (
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                      "train.eval_every", "train.eval_samples", "train.keep_checkpoints", "train.compile",
                      "train.grad_checkpointing", "train.routing_backend", "train.parallel", "data.num_workers",
-                     "data.bad_images", "data.vae",
+                     "data.bad_images", "data.vae", "repa.cache_dir",
                      "data.path"}  # data.path, data.bad_images: only to the same data (checked by fingerprint)
 
 
-def make_step_inputs(dataset, sampler: EpochSampler, config: RunConfig, step: int, num_classes: int):
-    """Everything random about step ``step`` for the whole global batch: (x1, y, x0, t)."""
+class StepInputs(NamedTuple):
+    """Everything random about one step, for the whole global batch."""
+
+    x1: torch.Tensor  # [B, C, H, W] data (flipped where ``flipped``)
+    y: torch.Tensor  # [B] labels, num_classes where dropped
+    x0: torch.Tensor  # [B, C, H, W] noise
+    t: torch.Tensor  # [B]
+    indices: torch.Tensor  # [B] dataset positions of the examples
+    flipped: torch.Tensor  # [B] bool
+
+
+def make_step_inputs(dataset, sampler: EpochSampler, config: RunConfig, step: int, num_classes: int) -> StepInputs:
     g = seeded_generator(config.train.seed, step, Stream.TRAIN_STEP)
-    x1, y = load_batch(dataset, sampler.indices(step), seeded_generator(config.train.seed, step, Stream.TRAIN_LATENTS))
+    indices = sampler.indices(step)
+    x1, y = load_batch(dataset, indices, seeded_generator(config.train.seed, step, Stream.TRAIN_LATENTS))
     B = x1.shape[0]
+    flip = torch.zeros(B, dtype=torch.bool)
     if config.data.hflip:
         flip = torch.rand(B, generator=g) < 0.5
         x1 = torch.where(flip[:, None, None, None], x1.flip(-1), x1)
@@ -87,7 +101,7 @@ def make_step_inputs(dataset, sampler: EpochSampler, config: RunConfig, step: in
     y = torch.where(drop, torch.full_like(y, num_classes), y)
     t = torch.rand(B, generator=g)
     x0 = torch.randn(x1.shape, generator=g)
-    return x1, y, x0, t
+    return StepInputs(x1, y, x0, t, indices, flip)
 
 
 @torch.no_grad()
@@ -236,7 +250,7 @@ class Trainer:
                                     bad_images=config.data.bad_images)
         _check_data_fits_model(self.dataset, config)
         torch.manual_seed(tc.seed)
-        self.model = build_model(config.model).to(env.device)
+        self.model = build_model(config.model, config.projector).to(env.device)
         self.model.gradient_checkpointing = tc.grad_checkpointing
         self.model.router.set_backend(tc.routing_backend)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -248,8 +262,10 @@ class Trainer:
         if self.sharded:  # before the optimizer, which must hold the sharded parameters
             shard_model(self.model, env.mesh, tc.precision)
             shard_like(self.ema, self.model, env.mesh)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, tc), lr=tc.lr, weight_decay=tc.weight_decay,
                                            betas=tc.betas)
+        # REPA: the encoder's features of every training example (computed once, then read from disk)
+        self.targets = alignment_targets(config, self.dataset, progress and env.is_main) if config.repa.enabled else None
         self.transport = Transport(config.transport_path)
         self.log = MetricsLog(run_dir / "metrics.jsonl", env.is_main)
         self.data = data_record(config, self.dataset)
@@ -345,27 +361,29 @@ class Trainer:
         evaluator = PeriodicEval(config, env) if env.is_main and tc.eval_every else None
         report = ProgressReport(env.is_main and self.progress, tc.steps, step)
 
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        window, window_steps, window_start = {}, 0, time.perf_counter()
         last_saved = step if step > 0 else None
         self.model.train()
         final_loss = None
         try:
             while step < tc.steps:
-                loss, grad_norm = self._step(train_model, sampler, autocast, step, last_saved)
+                losses, grad_norm = self._step(train_model, sampler, autocast, step, last_saved)
                 step += 1
-                final_loss = loss
-                window_loss += loss
+                final_loss = losses["loss"]
+                for name, value in losses.items():
+                    window[name] = window.get(name, 0.0) + value
                 window_steps += 1
-                report.step(loss)
+                report.step(final_loss)
                 if env.is_main and (step % tc.log_every == 0 or step == tc.steps):
                     steps_per_s = window_steps / max(time.perf_counter() - window_start, 1e-9)
-                    record = {"step": step, "loss": window_loss / window_steps, "lr": tc.lr,
+                    means = {name: total / window_steps for name, total in window.items()}
+                    record = {"step": step, "loss": means.pop("loss"), "lr": tc.lr, **means,
                               "steps_per_s": steps_per_s, "time": time.time()}
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
                     self.log.write(record)
                     report.window(step, record["loss"], steps_per_s)
-                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
                 # every rank evaluates these conditions alike: gathering a sharded EMA takes them all
                 grid_due = tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps)
                 eval_due = tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps)
@@ -386,15 +404,27 @@ class Trainer:
             report.close()
         return {"step": step, "final_loss": final_loss, "run_dir": str(run_dir)}
 
-    def _step(self, train_model, sampler, autocast, step: int, last_saved: int | None) -> tuple[float, float | None]:
-        """One optimisation step on the global batch of ``step``: (global loss, grad norm or None)."""
+    def _step(self, train_model, sampler, autocast, step: int, last_saved: int | None) -> tuple[dict, float | None]:
+        """One optimisation step on the global batch of ``step``: ({"loss": the global loss, and with REPA
+        its velocity and alignment parts}, grad norm or None)."""
         config, tc, env = self.config, self.config.train, self.env
-        x1, y, x0, t = make_step_inputs(self.dataset, sampler, config, step, config.model.num_classes)
+        inputs = make_step_inputs(self.dataset, sampler, config, step, config.model.num_classes)
         rows = env.batch_rows(tc.global_batch)
-        x1, y, x0, t = (v[rows].to(env.device, non_blocking=True) for v in (x1, y, x0, t))
+        x1, y, x0, t = (v[rows].to(env.device, non_blocking=True) for v in inputs[:4])
+        losses = {}
         with autocast:
-            loss = self.transport.loss(train_model, x1, y, x0, t).mean()
+            if self.targets is None:
+                loss = self.transport.loss(train_model, x1, y, x0, t).mean()
+            else:
+                xt, ut = self.transport.interpolate(x1, x0, t)
+                prediction, projected = train_model(xt, t, y, align=True)
+                features = self.targets.lookup(inputs.indices[rows], inputs.flipped[rows]).to(env.device)
+                velocity = self.transport.velocity_loss(prediction, ut).mean()
+                align = alignment_loss(projected, features).mean()
+                loss = velocity + config.repa.weight * align
+                losses = {"velocity_loss": velocity.detach(), "align_loss": align.detach()}
         global_loss = env.all_mean(loss.detach()).item()
+        losses = {name: env.all_mean(value).item() for name, value in losses.items()}
         if not math.isfinite(global_loss):
             kept = (f"the last good checkpoint (step {last_saved}) is intact" if last_saved is not None else
                     "no checkpoint had been written yet")
@@ -409,7 +439,7 @@ class Trainer:
         self.optimizer.step()
         decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
         update_ema(self.ema, self.model, decay)
-        return global_loss, grad_norm
+        return {"loss": global_loss, **losses}, grad_norm
 
     def _full_ema(self) -> torch.nn.Module | None:
         """The EMA as one unsharded module for the sample grids and evaluation (rank 0 only): the EMA
@@ -445,6 +475,16 @@ class Trainer:
               f"{self.env.world_size} process(es) on {self.env.device}"
               f"{sharing}; checkpoints {f'every {tc.ckpt_every} steps and ' if tc.ckpt_every else ''}at the "
               f"end in {self.run_dir / 'checkpoints'}", flush=True)
+
+
+def parameter_groups(model: torch.nn.Module, tc) -> list[dict]:
+    """One group, or with ``train.router_lr_scale`` != 1 two: the router's parameters at that multiple of
+    train.lr, after the rest (a single group keeps the optimizer-state layout of earlier checkpoints)."""
+    if tc.router_lr_scale == 1.0:
+        return [{"params": list(model.parameters())}]
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if not n.startswith("router.")]},
+            {"params": [p for n, p in named if n.startswith("router.")], "lr": tc.lr * tc.router_lr_scale}]
 
 
 def _check_data_fits_model(dataset, config: RunConfig) -> None:
