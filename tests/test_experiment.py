@@ -168,3 +168,32 @@ def test_the_routers_study_reuses_the_main_studys_runs():
     for variant in ("residual", "static_t", "dynamic"):
         assert routers["routers", variant, 2] == main["main", variant, 2]
     assert len(set(routers.values()) - set(main.values())) == 9  # 3 routers x 3 seeds are new
+
+
+LONGER = STUDY.replace('''[[group]]
+name = "chunk"''', '''[[group]]
+name = "long"
+seeds = [0]
+baseline = "residual"
+[group.variants]
+residual = ["model.routing.mode=residual", "train.steps=6"]
+[[group]]
+name = "chunk"''')
+
+
+def test_a_longer_group_continues_the_shared_run_and_each_group_reads_its_own_length(tmp_path):
+    from dar.study.experiment import execution_order, run_experiment
+
+    path = write(tmp_path, LONGER)
+    experiment = load_experiment(path)
+    dirs = run_dirs(experiment, tmp_path)
+    assert dirs["long", "residual", 0] == dirs["main", "residual", 0]
+    order = [(p, item[3].train.steps) for p, item in execution_order(experiment, tmp_path)]
+    shared = dirs["main", "residual", 0]
+    assert order.index((shared, 4)) < order.index((shared, 6))  # trained to 4 first, then continued
+    run_experiment(path, tmp_path, progress=False)
+    evals = [json.loads(l)["step"] for l in (shared / "metrics.jsonl").read_text().splitlines() if "eval/fd_fmnist" in l]
+    assert evals == [2, 4, 6]
+    summary = summarize(path, tmp_path)
+    assert len(summary["groups"]["main"]["residual"]["series"][0][0]) == 2  # steps 2 and 4 only
+    assert summary["groups"]["long"]["residual"]["series"][0][0] == [2, 4, 6]

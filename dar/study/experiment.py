@@ -143,6 +143,12 @@ def run_dirs(experiment: Experiment, out: Path) -> dict[tuple[str, str, int], Pa
     return {(g.name, v, s): run_dir(out, c) for g, v, s, c in experiment.runs()}
 
 
+def run_steps(experiment: Experiment) -> dict[tuple[str, str, int], int]:
+    """Each run's train.steps: a group that trains longer continues the same directory, and every group
+    reads its runs' evaluations up to its own length."""
+    return {(g.name, v, s): c.train.steps for g, v, s, c in experiment.runs()}
+
+
 def is_finished(path: Path, config: RunConfig) -> bool:
     latest = latest_checkpoint(path)
     return latest is not None and json.loads((latest / "state.json").read_text())["step"] >= config.train.steps
@@ -172,11 +178,13 @@ def run_experiment(path: str | Path, out: str | Path, progress: bool = True) -> 
 def execution_order(experiment: Experiment, out: Path) -> list[tuple[Path, tuple]]:
     """Unique runs as (directory, (group, variant, seed, config)): every group's first seed before any
     group's second, so a study cut short still has each comparison (the chunk ablation included) at
-    matching seeds. Runs two groups share keep their first place."""
+    matching seeds. Runs two groups share keep their first place; a group that trains a shared run for
+    more steps continues it in its own place."""
     unique = {}
     for group, variant, seed, config in experiment.runs():
-        unique.setdefault(run_dir(out, config), (group, variant, seed, config))
-    return sorted(unique.items(), key=lambda item: item[1][0].seeds.index(item[1][2]))
+        unique.setdefault((run_dir(out, config), config.train.steps), (group, variant, seed, config))
+    order = sorted(unique.items(), key=lambda item: item[1][0].seeds.index(item[1][2]))
+    return [(path, item) for (path, _), item in order]
 
 
 def _train_next(order, progress: bool) -> int | None:
@@ -201,14 +209,14 @@ def _train_next(order, progress: bool) -> int | None:
     return busy
 
 
-def eval_series(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of a periodic-evaluation metric from a run's metrics.jsonl."""
+def eval_series(path: Path, key: str, until: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of a periodic-evaluation metric from a run's metrics.jsonl, up to step ``until``."""
     steps, values = [], []
     metrics = path / "metrics.jsonl"
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             record = json.loads(line)
-            if key in record:
+            if key in record and (until is None or record["step"] <= until):
                 steps.append(record["step"])
                 values.append(record[key])
     return np.array(steps), np.array(values, dtype=float)
@@ -243,14 +251,14 @@ def summarize(path: str | Path, out: str | Path, metric: str = "eval/fd_fmnist")
     baseline's final value (per seed, against that seed's baseline), speedup with a bootstrap interval."""
     experiment = load_experiment(path)
     out = Path(out)
-    dirs = run_dirs(experiment, out)
+    dirs, lengths = run_dirs(experiment, out), run_steps(experiment)
     summary = {"experiment": experiment.name, "metric": metric, "groups": {}}
     for group in experiment.groups:
         table = {}
         for variant in group.variants:
             finals, series = [], {}
             for seed in group.seeds:
-                steps, values = eval_series(dirs[group.name, variant, seed], metric)
+                steps, values = eval_series(dirs[group.name, variant, seed], metric, lengths[group.name, variant, seed])
                 series[seed] = (steps.tolist(), values.tolist())
                 if len(values):
                     finals.append(float(values[-1]))
@@ -261,8 +269,9 @@ def summarize(path: str | Path, out: str | Path, metric: str = "eval/fd_fmnist")
             for variant, row in table.items():
                 speedups, reaches = [], []
                 for seed in group.seeds:
-                    b_steps, b_values = eval_series(dirs[group.name, group.baseline, seed], metric)
-                    v_steps, v_values = eval_series(dirs[group.name, variant, seed], metric)
+                    b_steps, b_values = eval_series(dirs[group.name, group.baseline, seed], metric,
+                                                   lengths[group.name, group.baseline, seed])
+                    v_steps, v_values = eval_series(dirs[group.name, variant, seed], metric, lengths[group.name, variant, seed])
                     if len(b_values) and len(v_values):
                         reach = steps_to_reach(v_steps, v_values, b_values[-1])
                         reaches.append(reach if np.isfinite(reach) else None)

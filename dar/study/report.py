@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from dar.study.experiment import Experiment, eval_series, run_dirs
+from dar.study.experiment import Experiment, eval_series, run_dirs, run_steps
 
 METRICS = {  # key -> (label, lower is better)
     "eval/fd_fmnist": ("FD (in-domain classifier features)", True),
@@ -37,13 +37,14 @@ def _common_series(runs: list[tuple[np.ndarray, np.ndarray]]):
 
 
 def curves_figure(experiment: Experiment, out: Path, group, metrics=tuple(METRICS)) -> Figure:
-    dirs = run_dirs(experiment, out)
+    dirs, lengths = run_dirs(experiment, out), run_steps(experiment)
     figure = Figure(figsize=(4.2 * len(metrics), 3.4), layout="constrained")
     FigureCanvasAgg(figure)
     colours = colormaps["tab10"]
     for ax, key in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics):
         for i, variant in enumerate(group.variants):
-            series = [eval_series(dirs[group.name, variant, seed], key) for seed in group.seeds]
+            series = [eval_series(dirs[group.name, variant, seed], key, lengths[group.name, variant, seed])
+                      for seed in group.seeds]
             for steps, values in series:
                 ax.plot(steps, values, color=colours(i), alpha=0.3, linewidth=0.8)
             steps, matrix = _common_series(series)
@@ -61,14 +62,15 @@ def curves_figure(experiment: Experiment, out: Path, group, metrics=tuple(METRIC
     return figure
 
 
-def last_grid(run: Path) -> Path | None:
-    grids = sorted((run / "samples").glob("step_*.png"))
+def last_grid(run: Path, until: int) -> Path | None:
+    grids = [g for g in sorted((run / "samples").glob("step_*.png")) if int(g.stem.split("_")[1]) <= until]
     return grids[-1] if grids else None
 
 
 def samples_figure(experiment: Experiment, out: Path, group) -> Figure | None:
-    dirs = run_dirs(experiment, out)
-    grids = {v: last_grid(dirs[group.name, v, group.seeds[0]]) for v in group.variants}
+    dirs, lengths = run_dirs(experiment, out), run_steps(experiment)
+    first = group.seeds[0]
+    grids = {v: last_grid(dirs[group.name, v, first], lengths[group.name, v, first]) for v in group.variants}
     grids = {v: g for v, g in grids.items() if g is not None}
     if not grids:
         return None
@@ -91,7 +93,7 @@ def _fmt(values, digits=2):
 
 
 def markdown_tables(experiment: Experiment, out: Path, summary: dict) -> str:
-    dirs = run_dirs(experiment, out)
+    dirs, lengths = run_dirs(experiment, out), run_steps(experiment)
     metric = summary["metric"]
     lines = []
     for group in experiment.groups:
@@ -102,7 +104,7 @@ def markdown_tables(experiment: Experiment, out: Path, summary: dict) -> str:
         for variant, row in table.items():
             accs = []
             for seed in group.seeds:
-                _, values = eval_series(dirs[group.name, variant, seed], "eval/class_acc")
+                _, values = eval_series(dirs[group.name, variant, seed], "eval/class_acc", lengths[group.name, variant, seed])
                 if len(values):
                     accs.append(float(values[-1]))
             reach = "—"
