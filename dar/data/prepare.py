@@ -5,10 +5,17 @@ The job is resumable and multi-process: shard ``k`` covers source images ``[k*S,
 under a temporary name and renamed, and belongs to process ``k % world_size``; a rerun of the same job
 keeps every finished shard (after checking it), removes what a killed write left, and encodes the rest.
 ``manifest.json`` is written last, by the main process, once every shard exists.
+
+With an image encoder (``--repa-encoder``), the encoder features of every stored example (same image, same
+flip, same order) are written beside each latent shard, in ``DIR/repa/<set>/`` (format and reader:
+:mod:`dar.data.encoders.cache`), shard by shard like the latents and resumable the same way. They are not
+part of the latents' request: a rerun that adds an encoder to a finished directory keeps its latents and
+only computes the features (the images are decoded again, the VAE is not run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -198,11 +205,53 @@ class Settings:
         return 2 if self.flip else 1
 
 
+def default_repa_grid(vae, resolution: int) -> int:
+    """The encoder token grid that matches a /2 latent model: half the latent side (256 px -> 32 -> 16)."""
+    return max(1, _latent_shape(vae, resolution)[-1] // 2)
+
+
+class _FeatureSet:
+    """The encoder features stored beside a latent directory's shards: shard ``k``'s rows in
+    ``repa/<set>/shard_k.f16`` + its sidecar, keyed by the set and the rows of latent shard ``k``."""
+
+    def __init__(self, out: Path, encoder, request: dict):
+        from dar.data.encoders.cache import FEATURES_DIR, feature_set_name, set_key
+
+        self.encoder = encoder
+        self.key = set_key(encoder, request)
+        self.directory = out / FEATURES_DIR / feature_set_name(encoder)
+        self.row_shape = (1, encoder.grid * encoder.grid, encoder.dim)
+
+    def file(self, k: int) -> Path:
+        return self.directory / shard_name(k).replace(".safetensors", ".f16")
+
+    def shard_key(self, k: int, lo: int, hi: int, index: torch.Tensor, flipped: torch.Tensor) -> dict:
+        from dar.data.encoders.cache import shard_feature_key
+
+        return shard_feature_key(self.key, k, [lo, hi], index, flipped)
+
+    def problem(self, out: Path, shard: tuple, settings: "Settings", report: bool) -> str:
+        """"" when shard ``(k, lo, hi)``'s features exist, intact and aligned with its (valid) latent shard."""
+        from dar.data.encoders.cache import check_feature_file
+
+        k, lo, hi = shard
+        header = read_shard_header(out / shard_name(k), settings.store)
+        key = self.shard_key(k, lo, hi, header["index"], header["flipped"])
+        _, problem = check_feature_file(self.file(k), key, (len(header["index"]), *self.row_shape))
+        if problem and problem != "missing" and report:
+            print(f"{self.file(k)}: {problem}; recomputing it", file=sys.stderr)
+        return problem
+
+    def missing_bytes(self, lo: int, hi: int, settings: "Settings") -> int:
+        return (hi - lo) * settings.copies * int(np.prod(self.row_shape)) * 2
+
+
 def prepare_latents(source: str | Path, out: str | Path, vae, env, settings: Settings,
                     bad_images: str = "error", batch_size: int = 64, workers: int = 4,
-                    progress: bool = True) -> dict | None:
+                    progress: bool = True, encoder=None) -> dict | None:
     """Encode ``source`` into ``out``; every process of the job calls this. Returns the manifest on rank 0
-    (None elsewhere)."""
+    (None elsewhere). ``encoder`` (a :class:`dar.data.encoders.ImageEncoder`): also store its features of
+    every stored example."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
@@ -214,26 +263,38 @@ def prepare_latents(source: str | Path, out: str | Path, vae, env, settings: Set
                "scale_factor": vae.scale_factor, **asdict(settings)}
     n = len(src)
     shards = [(k, lo, min(lo + settings.shard_size, n)) for k, lo in enumerate(range(0, n, settings.shard_size))]
+    features = None if encoder is None else _FeatureSet(out, encoder, request)
     with job_directory_lock(out, "dar prepare-latents", env):
         if env.is_main:
             _check_request(out, request)
             for leftover in out.glob(TEMP_PATTERN):
                 leftover.unlink(missing_ok=True)
+            if features is not None:
+                features.directory.mkdir(parents=True, exist_ok=True)
+                for leftover in features.directory.glob(".shard_*.f16.tmp-*"):
+                    leftover.unlink(missing_ok=True)
             if src.listing is not None:
 
                 atomic_write_text(out / IMAGE_LIST_NAME, src.listing)
-            _prepare_directory(out, shards, src, settings, latent_shape)
+            _prepare_directory(out, shards, src, settings, latent_shape, features)
         env.barrier()  # leftovers are gone and the request is recorded before anyone writes
         mine = [s for s in shards if s[0] % env.world_size == env.rank]
-        todo = [s for s in mine if _shard_problem(out, s, src, settings, latent_shape, report=True)]
+        todo = []  # (shard, latents to encode, features to encode)
+        for shard in mine:
+            latents = bool(_shard_problem(out, shard, src, settings, latent_shape, report=True))
+            feats = features is not None and (latents or bool(features.problem(out, shard, settings, report=True)))
+            if latents or feats:
+                todo.append((shard, latents, feats))
         _encode(out, todo, src, vae, settings, latent_shape, bad_images, batch_size, workers,
-                _Progress(sum(hi - lo for _, lo, hi in mine), sum(hi - lo for _, lo, hi in todo),
-                          progress and env.is_main, env.world_size))
+                _Progress(sum(hi - lo for _, lo, hi in mine), sum(hi - lo for (_, lo, hi), _, _ in todo),
+                          progress and env.is_main, env.world_size), features)
         env.barrier()
         if not env.is_main:
             return None
         how = {"bad_images": bad_images, "batch_size": batch_size, "device": str(env.device),
                "world_size": env.world_size}  # not in the request: they change the floats, not the data
+        if features is not None:
+            _write_feature_set(out, shards, settings, features)
         return _write_manifest(out, shards, src, vae, vae_record, settings, latent_shape, how)
 
 
@@ -281,15 +342,25 @@ def _check_request(out: Path, request: dict) -> None:
                          "use another --out directory, or the original settings to continue")
 
 
-def _prepare_directory(out: Path, shards: list, src, settings: Settings, latent_shape: tuple) -> None:
+def _prepare_directory(out: Path, shards: list, src, settings: Settings, latent_shape: tuple,
+                       features: _FeatureSet | None = None) -> None:
     """Rank 0, before any shard is written: a manifest that no longer describes the shards goes first,
     and the disk must hold what is left to write."""
+    from dar.data.encoders.cache import SET_MANIFEST
 
     missing = [s for s in shards if _shard_problem(out, s, src, settings, latent_shape, report=False)]
+    needed = 0
     if missing:
         (out / MANIFEST_NAME).unlink(missing_ok=True)
         per_example = int(np.prod(latent_shape)) * 2 * len(data_names(settings.store)) + 17
-        check_free_space(out, sum(hi - lo for _, lo, hi in missing) * settings.copies * per_example, "the latents")
+        needed = sum(hi - lo for _, lo, hi in missing) * settings.copies * per_example
+    if features is not None:
+        no_features = [s for s in shards if s in missing or features.problem(out, s, settings, report=False)]
+        if no_features:
+            (features.directory / SET_MANIFEST).unlink(missing_ok=True)
+            needed += sum(features.missing_bytes(lo, hi, settings) for _, lo, hi in no_features)
+    if needed:
+        check_free_space(out, needed, "the latents" + (" and their encoder features" if features else ""))
 
 
 def _expected_rows(lo: int, hi: int, skipped: set[int], src, settings: Settings) -> dict:
@@ -335,25 +406,43 @@ def _sample_generator(seed: int, index: int):
 
 
 def _encode(out: Path, todo: list, src, vae, settings: Settings, latent_shape: tuple, bad_images: str,
-            batch_size: int, workers: int, progress: "_Progress") -> None:
+            batch_size: int, workers: int, progress: "_Progress", features: _FeatureSet | None = None) -> None:
+    from dar.data.encoders.cache import feature_writer, sidecar_of, write_sidecar
     from dar.data.latents import save_shard
 
     chunk = max(1, batch_size // settings.copies)  # source images per VAE call
     try:
         with ThreadPoolExecutor(workers) as pool:
-            for k, lo, hi in todo:
-                tensors, skipped = _encode_shard(lo, hi, src, vae, settings, latent_shape, bad_images, chunk,
-                                                 pool, progress)
-                meta = {"format": FORMAT, "version": FORMAT_VERSION, "shard": k, "images": [lo, hi],
-                        "store": settings.store, "flip": settings.flip, "skipped": skipped}
-                with atomic_path(out / shard_name(k)) as tmp:  # a kill leaves a temporary file, never a torn shard
-                    save_shard(tmp, tensors, meta)
+            for (k, lo, hi), need_latents, need_features in todo:
+                keep_skipped = None
+                if not need_latents:  # features only: exactly the rows of the finished latent shard
+                    header = read_shard_header(out / shard_name(k), settings.store)
+                    keep_skipped = {int(i) for i, _ in header["meta"].get("skipped", [])}
+                with contextlib.ExitStack() as stack:
+                    writer = None
+                    if need_features:
+                        sidecar_of(features.file(k)).unlink(missing_ok=True)
+                        writer = stack.enter_context(feature_writer(features.file(k), features.row_shape))
+                    tensors, skipped = _encode_shard(lo, hi, src, vae if need_latents else None, settings,
+                                                     latent_shape, bad_images, chunk, pool, progress,
+                                                     features.encoder if need_features else None, writer,
+                                                     keep_skipped)
+                if need_features:  # first the features, then the latent shard they are aligned with
+                    write_sidecar(features.file(k), features.shard_key(k, lo, hi, tensors["index"], tensors["flipped"]),
+                                  writer, {"latent_shard": shard_name(k)})
+                if need_latents:
+                    meta = {"format": FORMAT, "version": FORMAT_VERSION, "shard": k, "images": [lo, hi],
+                            "store": settings.store, "flip": settings.flip, "skipped": skipped}
+                    with atomic_path(out / shard_name(k)) as tmp:  # a kill leaves a temporary file, never a torn shard
+                        save_shard(tmp, tensors, meta)
     finally:
         progress.close()
 
 
-def _load(src, i: int):
-    """(image, None), or (None, why) when the file cannot be decoded."""
+def _load(src, i: int, left_out: set | None = None):
+    """(image, None), or (None, why) when the file cannot be decoded (or was left out before)."""
+    if left_out is not None and i in left_out:
+        return None, "left out when the latents were made"
     try:
         return src.load(i), None
     except ValueError as error:
@@ -361,13 +450,16 @@ def _load(src, i: int):
 
 
 def _encode_shard(lo: int, hi: int, src, vae, settings: Settings, latent_shape: tuple, bad_images: str,
-                  chunk: int, pool, progress: "_Progress") -> tuple[dict, list]:
+                  chunk: int, pool, progress: "_Progress", encoder=None, writer=None,
+                  left_out: set | None = None) -> tuple[dict, list]:
     """Shard [lo, hi)'s tensors and the images left out. The next chunk's images are decoded (threads)
-    while the VAE encodes this one."""
+    while the VAE encodes this one. ``vae`` None: no latents (features only); ``encoder``: its features of
+    every stored example go to ``writer``, in the latents' order. ``left_out``: the images a finished
+    latent shard left out (they are not read; any other image must decode)."""
     parts: dict[str, list] = {name: [] for name in data_names(settings.store)}
     skipped: list[list] = []
     starts = list(range(lo, hi, chunk))
-    load_chunk = lambda start: pool.map(lambda i: _load(src, i), range(start, min(start + chunk, hi)))  # noqa: E731
+    load_chunk = lambda start: pool.map(lambda i: _load(src, i, left_out), range(start, min(start + chunk, hi)))  # noqa: E731
     pending = load_chunk(starts[0])
     for n, start in enumerate(starts):
         loaded = list(pending)
@@ -375,6 +467,12 @@ def _encode_shard(lo: int, hi: int, src, vae, settings: Settings, latent_shape: 
             pending = load_chunk(starts[n + 1])
         ids = [i for i, (image, _) in zip(range(start, hi), loaded) if image is not None]
         for i, (image, why) in zip(range(start, hi), loaded):
+            if image is None and left_out is not None:
+                if i not in left_out:
+                    raise ValueError(f"{why}; its latent is stored, so its features cannot be left out: restore "
+                                     "the file, or recompute the latents into a new --out directory")
+                skipped.append([i, why])
+                continue
             if image is None and bad_images == "error":
                 raise ValueError(f"{why}; rerun with --bad-images skip to leave it out (finished shards are kept)")
             if image is None:
@@ -384,6 +482,11 @@ def _encode_shard(lo: int, hi: int, src, vae, settings: Settings, latent_shape: 
             x = torch.stack([image for image, _ in loaded if image is not None])
             if settings.flip:  # example 2j: image j; 2j + 1: its mirror image
                 x = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)
+            if writer is not None:
+                writer.append(encoder(x)[:, None])  # [n, 1, tokens, dim]: one row per stored example
+            if vae is None:
+                progress.update(len(loaded))
+                continue
             mean, std = (t.cpu() for t in vae.encode_moments(x))
             if settings.store == "moments":
                 # fp16 std: where it falls below fp16's normal range (6e-5) its rounding error is far
@@ -398,6 +501,42 @@ def _encode_shard(lo: int, hi: int, src, vae, settings: Settings, latent_shape: 
     tensors = {name: torch.cat(p) if p else torch.zeros((0, *latent_shape), dtype=torch.float16)
                for name, p in parts.items()}
     return {**tensors, **_expected_rows(lo, hi, {i for i, _ in skipped}, src, settings)}, skipped
+
+
+def _write_feature_set(out: Path, shards: list, settings: Settings, features: _FeatureSet) -> None:
+    """Rank 0, after every rank finished: check every feature shard once more, then write the set's
+    features.json (its presence means the set is complete)."""
+    from dar.data.encoders.cache import FORMAT as FEATURE_FORMAT, FORMAT_VERSION as FEATURE_VERSION, SET_MANIFEST
+    from dar.data.encoders.cache import sidecar_of
+
+    entries = []
+    for shard in shards:
+        k = shard[0]
+        problem = features.problem(out, shard, settings, report=False)
+        if problem:
+            raise ValueError(f"{features.file(k)}: {problem}; rerun the same command to recompute it")
+        sidecar = json.loads(sidecar_of(features.file(k)).read_text())
+        entries.append({"file": features.file(k).name, "latent_shard": shard_name(k), "examples": sidecar["shape"][0],
+                        "sha256": sidecar["sha256"]})
+    record = {"format": FEATURE_FORMAT, "version": FEATURE_VERSION, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "key": features.key, "encoder": features.encoder.record(), "tokens": features.row_shape[1],
+              "dim": features.row_shape[2], "dtype": "float16", "shards": entries}
+    atomic_write_text(features.directory / SET_MANIFEST, json.dumps(record, indent=2))
+
+
+def _feature_sets(out: Path) -> dict:
+    """The complete encoder feature sets of ``out`` (for the manifest; readers check each set's own files)."""
+    from dar.data.encoders.cache import FEATURES_DIR, SET_MANIFEST
+
+    sets = {}
+    for path in sorted((out / FEATURES_DIR).glob(f"*/{SET_MANIFEST}")):
+        try:
+            key = json.loads(path.read_text())["key"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue
+        sets[path.parent.name] = {"dir": str(path.parent.relative_to(out)),
+                                  **{k: key.get(k) for k in ("encoder", "weights_sha256", "grid", "dim", "resolution")}}
+    return sets
 
 
 def _write_manifest(out: Path, shards: list, src, vae, vae_record: dict, settings: Settings, latent_shape: tuple,
@@ -436,6 +575,9 @@ def _write_manifest(out: Path, shards: list, src, vae, vae_record: dict, setting
         "encoding": {k: how[k] for k in ("batch_size", "device", "world_size")},  # of the last run
         "versions": versions,
     }
+    repa = _feature_sets(out)
+    if repa:  # encoder features stored beside the latents (not part of the latents' identity)
+        manifest["repa_features"] = repa
     if settings.store == "samples":
         manifest["sample_rng"] = (f"image i: numpy SeedSequence([seed, {int(Stream.PREPARED_LATENT_SAMPLES)}, i]) -> torch.Generator, "
                                   "eps = randn([copies, C, h, w]) (copy 1: the flipped image)")
