@@ -112,3 +112,13 @@ def test_init_from_another_architecture_names_what_does_not_fit(tmp_path):
     model = build_model(config.model)
     with pytest.raises(CheckpointError, match="does not fit SiT-Pico/8|has shape"):
         load_pretrained(tmp_path / "nano", model, build_model(config.model), config)
+
+
+def test_a_converted_run_is_evaluated_before_its_first_step(tmp_path):
+    tiny = [*ARCH, "train.global_batch=4", "train.sample_every=0", "train.log_every=1", "train.steps=1"]
+    assert main(["train", "--preset", "fmnist-residual", *tiny, "--run-dir", str(tmp_path / "residual"),
+                 "--no-progress"]) == 0
+    assert main(["train", *tiny, "train.eval_every=1", "train.eval_samples=20", "sampler.steps=2",
+                 f"train.init_from={tmp_path / 'residual'}", "--run-dir", str(tmp_path / "dar"), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "dar" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/fd_fmnist" in r] == [0, 1]

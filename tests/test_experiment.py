@@ -139,17 +139,17 @@ def test_workers_skip_runs_claimed_by_another_process(tmp_path, capsys):
     assert is_finished(held, configs["main", "dar", 1])
 
 
-@pytest.mark.parametrize("name", ["fmnist_study.toml", "fmnist_study_gpu.toml"])
+@pytest.mark.parametrize("name", ["fmnist_study.toml", "fmnist_study_gpu.toml", "routers_study.toml",
+                                  "routers_study_gpu.toml", "repa_study.toml", "depth_study.toml", "depth_study_gpu.toml",
+                                  "finetune_study.toml"])
 def test_shipped_study_configs_resolve(name):
     from pathlib import Path
 
     experiment = load_experiment(Path(__file__).parent.parent / "configs" / name)
     runs = list(experiment.runs())
-    assert {c.train.seed for g, v, s, c in runs if g.name == "main"} == {0, 1, 2}
-    assert all(c.model.routing.chunk_size == 4 for g, v, s, c in runs if g.name == "main" and v != "residual")
-    from dar.models.sit import ARCHITECTURES
-
-    assert all(ARCHITECTURES[c.model.arch.split("/")[0]][0] >= 12 for *_, c in runs)  # residual symptoms need depth
+    assert {c.train.seed for g, v, s, c in runs if g.seeds != (0,)} == {0, 1, 2}
+    assert all(c.model.routing.chunk_size == 4 for g, v, s, c in runs if v.startswith(("static", "dynamic")))
+    assert all(c.model.dims[0] >= 12 for g, v, s, c in runs if not g.name.startswith("depth"))  # symptoms need depth
 
 
 def test_the_published_study_keeps_its_run_directory_names():
@@ -197,3 +197,18 @@ def test_a_longer_group_continues_the_shared_run_and_each_group_reads_its_own_le
     summary = summarize(path, tmp_path)
     assert len(summary["groups"]["main"]["residual"]["series"][0][0]) == 2  # steps 2 and 4 only
     assert summary["groups"]["long"]["residual"]["series"][0][0] == [2, 4, 6]
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_starts_again(tmp_path):
+    from dar.study.experiment import is_finished, run_experiment
+
+    path = write(tmp_path, STUDY.replace("seeds = [0, 1]", "seeds = [0]"))
+    experiment = load_experiment(path)
+    configs = {(g.name, v, s): c for g, v, s, c in experiment.runs()}
+    dirs = run_dirs(experiment, tmp_path)
+    interrupted = dirs["main", "residual", 0]
+    interrupted.mkdir(parents=True)  # what a kill between the first log line and the first checkpoint leaves
+    (interrupted / "config.json").write_text(configs["main", "residual", 0].to_json())
+    (interrupted / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    run_experiment(path, tmp_path, progress=False)
+    assert all(is_finished(dirs[key], config) for key, config in configs.items())

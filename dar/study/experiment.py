@@ -204,7 +204,9 @@ def _train_next(order, progress: bool) -> int | None:
             if is_finished(path, config):  # another worker finished it since we looked
                 continue
             print(f"[dar experiment] {group.name}/{variant}/seed_{seed} -> {path}", flush=True)
-            train(config, path, progress=progress)
+            # The directory is this config's own: records without a checkpoint are an interrupted start of
+            # the same run, with nothing to continue from, so it starts again
+            train(config, path, progress=progress, overwrite=True)
             return None
     return busy
 

@@ -361,6 +361,11 @@ class Trainer:
         evaluator = PeriodicEval(config, env) if env.is_main and tc.eval_every else None
         report = ProgressReport(env.is_main and self.progress, tc.steps, step)
 
+        if step == 0 and tc.init_from is not None and tc.eval_every:
+            # the initialised model's quality (e.g. a converted residual model before any fine-tuning)
+            ema = self._full_ema()
+            if evaluator is not None:
+                self.log.write({"step": 0, **evaluator(ema)})
         window, window_steps, window_start = {}, 0, time.perf_counter()
         last_saved = step if step > 0 else None
         self.model.train()
