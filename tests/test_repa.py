@@ -117,6 +117,8 @@ def test_repa_training_logs_both_losses_resumes_exactly_and_samples(tmp_path, im
         assert r["loss"] == pytest.approx(r["velocity_loss"] + 0.5 * r["align_loss"], rel=1e-5)
         assert -1.0 <= r["align_loss"] <= 1.0
     assert len(list((tmp_path / "cache").rglob("*.json"))) == 1  # features computed once, shared by both runs
+    state = json.loads((latest_checkpoint(tmp_path / "straight") / "state.json").read_text())
+    assert state["repa_features"]["encoder"] == "efficientnet-lite0" and len(state["repa_features"]["weights_sha256"]) == 64
     model, loaded, _ = load_model(tmp_path / "straight")  # what `dar sample` does
     assert loaded.repa.enabled and model.align_depth == 3
 

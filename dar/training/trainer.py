@@ -463,7 +463,9 @@ class Trainer:
             path = save_checkpoint(self.run_dir, step, self.config, model, ema, optimizer,
                                    {"data_position": step * tc.global_batch, "world_size": env.world_size,
                                     "parallel": parallel, "data": self.data, "data_changes": self.data_changes,
-                                    "init_from": self.init_record},
+                                    "init_from": self.init_record,
+                                    # REPA: which encoder, weights and preprocessing made the alignment targets
+                                    "repa_features": self.targets.key if self.targets is not None else None},
                                    keep=tc.keep_checkpoints)
             report.event(f"wrote checkpoint {path}")
         env.barrier()
