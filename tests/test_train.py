@@ -123,3 +123,15 @@ def test_periodic_evaluation_logs_an_fd_vs_iteration_series(tmp_path):
         assert 0.0 <= r["eval/class_acc"] <= 1.0 and r["eval/fd_fmnist"] > 0
     with pytest.raises(ValueError, match="eval_every needs data.name=builtin"):
         tiny_config("train.eval_every=2", "data.name=idx", "data.path=/data/mnist")
+
+
+def test_a_checkpoint_written_before_a_config_field_existed_resumes(tmp_path):
+    # Fields added to the config later are absent from older checkpoints: they count as their defaults
+    train(tiny_config("train.steps=2"), tmp_path, stop_after=1, progress=False)
+    state_file = latest_checkpoint(tmp_path) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["repa"], state["config"]["train"]["router_lr_scale"], state["config"]["model"]["depth"]
+    state_file.write_text(json.dumps(state))
+    assert train(tiny_config("train.steps=2"), tmp_path, progress=False)["step"] == 2
+    with pytest.raises(ValueError, match="train.router_lr_scale"):  # a real change is still refused
+        train(tiny_config("train.steps=3", "train.router_lr_scale=2"), tmp_path, progress=False)

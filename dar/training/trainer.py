@@ -292,7 +292,9 @@ class Trainer:
                           f"({self.init_record['router_weights_initialised']} router tensors at their init)", flush=True)
             return 0
         state = read_state(latest)
-        changed = [k for k in config_differences(state["config"], self.config.to_dict()) if k not in RESUMABLE_CHANGES]
+        # through RunConfig, so that fields added since the checkpoint was written compare at their defaults
+        saved = RunConfig.from_dict(state["config"]).to_dict()
+        changed = [k for k in config_differences(saved, self.config.to_dict()) if k not in RESUMABLE_CHANGES]
         if changed:
             raise ValueError(f"{run_dir} was started with a different config ({', '.join(changed)}); "
                              "use a new run directory or the original settings")
