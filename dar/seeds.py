@@ -26,6 +26,11 @@ class Stream(enum.IntEnum):
     PROBE_T = 24
     PROBE_SPLIT = 25
     PREPARED_LATENT_SAMPLES = 30  # index = source image: `dar prepare-latents --store samples`
+    # `dar distill` (docs/DISTILLATION.md); index = step unless noted
+    DISTILL_GENERATOR = 40  # labels, initial noise, the backward-simulated step and its rollout's noise
+    DISTILL_DM = 41  # t and noise of the distribution-matching gradient
+    DISTILL_FAKE = 42  # t and noise of the fake score's denoising loss
+    DISTILL_MONITOR = 43  # index 0: the re-noising of multi-step sample grids and periodic evaluation
 
 
 # Fixed noise of the training-time sample grids and periodic evaluation: seed + offset, as every

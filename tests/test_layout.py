@@ -17,7 +17,7 @@ LAYERS = [
     {"dar.data"},
     {"dar.evaluate"},
     {"dar.training"},
-    {"dar.generation"},
+    {"dar.generation", "dar.distillation"},
     {"dar.study"},
     {"dar.cli"},
 ]

@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "sample", "eval", "info", "diagnose", "bench", "experiment", "convert_sit", "prepare_latents")
+COMMANDS = ("train", "distill", "sample", "eval", "info", "diagnose", "bench", "experiment", "convert_sit",
+            "prepare_latents")
 
 EXAMPLES = """examples:
   dar train                                    # DAR (static_t, c4) on the built-in Fashion-MNIST
@@ -19,6 +20,7 @@ EXAMPLES = """examples:
   dar sample runs/fmnist --num 80 --grid runs/grid.png
   dar sample runs/fmnist --num 10000 --out runs/samples/fmnist-sde sampler.method=sde sampler.steps=250
   dar info runs/fmnist
+  dar distill --teacher runs/residual --run-dir runs/distill distill.generator_steps=4
 """
 
 

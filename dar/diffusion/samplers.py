@@ -1,7 +1,10 @@
-"""Samplers for velocity models: fixed-step Euler/Heun, adaptive dopri5, and SiT's Euler-Maruyama SDE.
+"""Samplers for velocity models: fixed-step Euler/Heun, adaptive dopri5, SiT's Euler-Maruyama SDE, and
+the few-step sampler of a distilled generator (``generator``, see docs/DISTILLATION.md).
 
 Every sampler integrates t: 0 (noise) -> 1 (data) and reports the true number of velocity
-evaluations (NFE). Classifier-free guidance lives in one place, :func:`guided_velocity`.
+evaluations (NFE). Classifier-free guidance lives in one place, :func:`guided_velocity`; the
+velocity <-> data-prediction conversion in one place, :func:`data_from_velocity` /
+:func:`velocity_from_data`.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ import torch
 
 from dar.diffusion.transport import Transport
 
-SAMPLERS = ("euler", "heun", "dopri5", "sde")
+SAMPLERS = ("euler", "heun", "dopri5", "sde", "generator")
 DIFFUSION_FORMS = ("sigma", "SBDM")
 CFG_CHANNELS = ("all", "legacy3")
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """method: euler | heun | dopri5 | sde. steps: integration steps (fixed-step ODE and SDE; for
-    dopri5 only the tolerances matter and the real NFE is reported). cfg_scale: 1 = no guidance.
+    """method: euler | heun | dopri5 | sde | generator. steps: integration steps (fixed-step ODE and SDE;
+    for dopri5 only the tolerances matter and the real NFE is reported; for ``generator``, the steps of
+    a few-step generator made by ``dar distill``, NFE = steps, see :func:`generator_times`; it has the
+    teacher's guidance built in, so leave cfg_scale at 1). cfg_scale: 1 = no guidance.
     guidance_interval: guide only for t in [lo, hi] (SiT time, t=1 is data). cfg_channels: ``all``
     (correct) or ``legacy3``, DiT/SiT's guidance of the first 3 channels only, to reproduce their
     published numbers. diffusion_form: the SDE's diffusion coefficient w(t): ``sigma`` (w = sigma_t, 1 - t on
@@ -60,6 +65,39 @@ class SamplerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def data_from_velocity(transport: Transport, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The data prediction x1_hat = E[x1 | x_t = x] of a velocity model's output ``v`` at (x, t): solve
+    x = alpha x1 + sigma x0, v = d_alpha x1 + d_sigma x0 for x1. On the linear path x1_hat = x + (1 - t) v.
+    Exact at every t < 1 (the path is invertible there); at t = 1, x itself is data."""
+    t = t.reshape(t.shape[0], *([1] * (x.dim() - 1)))
+    (a, da), (s, ds) = transport.path.alpha(t), transport.path.sigma(t)
+    return (ds * x - s * v) / (a * ds - da * s)
+
+
+def velocity_from_data(transport: Transport, x1_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`data_from_velocity`: the velocity whose data prediction at (x, t) is
+    ``x1_hat`` (t < 1). On the linear path v = (x1_hat - x) / (1 - t)."""
+    t = t.reshape(t.shape[0], *([1] * (x.dim() - 1)))
+    (a, da), (s, ds) = transport.path.alpha(t), transport.path.sigma(t)
+    return (ds * x - (a * ds - da * s) * x1_hat) / s
+
+
+def generator_times(steps: int) -> list[float]:
+    """The times t_k = k / steps (k = 0 .. steps-1) at which a distilled ``steps``-step generator is
+    applied: t_0 = 0 is pure noise; each step predicts data and re-noises it to the next time."""
+    if steps < 1:
+        raise ValueError(f"a generator needs at least 1 step, got {steps}")
+    return [k / steps for k in range(steps)]
+
+
+def generator_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Fresh N(0, I) noise shaped like ``x``, drawn from ``generator`` (on its own device, then moved to
+    ``x``'s, so a seeded CPU generator gives the same numbers on any device) or the global RNG."""
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
 def guided_velocity(model, labels: torch.Tensor, config: SamplerConfig, null_label: int) -> Callable:
@@ -133,9 +171,23 @@ def sample(
             rtol=config.rtol,
         )
         x = trajectory[-1]
+    elif config.method == "generator":
+        x = _generator_steps(x, velocity, transport, config.steps, generator, at)
     else:
         x = _sde_euler_maruyama(x, velocity, transport, config, generator, at)
     return x, {"nfe": velocity.calls, **config.to_dict()}
+
+
+def _generator_steps(x, velocity, transport, steps, generator, at):
+    """A distilled few-step generator (DMD2's multi-step sampling): at t_k (:func:`generator_times`)
+    predict data x1_hat from x_{t_k}, then re-noise it with fresh noise to
+    x_{t_{k+1}} = alpha x1_hat + sigma eps; the last prediction is the sample. One step: x1_hat(noise, 0)."""
+    times = generator_times(steps)
+    for k, t in enumerate(times):
+        x1_hat = data_from_velocity(transport, velocity(x, at(t)), x, at(t))
+        if k + 1 < steps:
+            x, _ = transport.interpolate(x1_hat, generator_noise(x1_hat, generator), at(times[k + 1]))
+    return x1_hat
 
 
 def _sde_euler_maruyama(x, velocity, transport, config, generator, at):
@@ -153,6 +205,6 @@ def _sde_euler_maruyama(x, velocity, transport, config, generator, at):
     for t0, t1 in zip(grid[:-1], grid[1:]):
         dt = t1 - t0
         t = at(t0)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = generator_noise(x, generator)  # a CPU generator also serves a model on the GPU
         x = x + drift(x, t) * dt + torch.sqrt(2 * transport.sde_diffusion(x, t, config.diffusion_form) * dt) * noise
     return x + drift(x, at(t_end)) * config.last_step_size

@@ -1,0 +1,462 @@
+"""``dar distill``: DMD2 distillation of a ``dar train`` teacher into a one- or few-step generator.
+
+Three models: the frozen teacher (the real score, with classifier-free guidance), the fake score (a
+trainable copy of the teacher that learns the generator's distribution, updated every step) and the
+generator G (the student: the teacher's weights under the student's routing; a DAR student converted
+from a residual teacher keeps the router at its initialisation, as ``train.init_from`` does), updated
+every ``distill.update_ratio``-th step, with an EMA. :mod:`dar.distillation.dmd` holds the equations.
+
+Step s (0-based) does, with every random number drawn from generators seeded by (seed, s):
+
+1. labels y and noise z; for a few-step generator a step k and the noise of the rollout to it;
+2. x = G's sample of step k (with gradients when s + 1 is a multiple of update_ratio);
+3. on those steps: the DM loss of x, one AdamW step of G (clipped), one EMA update;
+4. always: the fake score's velocity loss on x.detach(), one AdamW step of the fake score (clipped).
+
+A run directory is laid out as `dar train`'s: ``config.json`` (:class:`DistillRunConfig`),
+``generator_config.json`` (the RunConfig that rebuilds and samples the generator), ``metrics.jsonl``,
+``samples/step_*.png`` and ``checkpoints/step_*/`` with ``model.safetensors`` / ``ema.safetensors``
+(the generator, raw and EMA, with the generator's RunConfig, whose ``sampler`` is the few-step
+``generator`` sampler, so `dar sample`, `dar eval` and `dar info` read them as any run), ``fake.safetensors``
+(the fake score, with the teacher's RunConfig), ``optimizer.pt`` (both AdamW states) and ``state.json``.
+A resumed run continues bit for bit; the teacher is the weights file recorded at the start, checked by
+its SHA-256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import errno
+import json
+import math
+import os
+import pickle
+import shutil
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from dar.diffusion.samplers import SamplerConfig
+from dar.diffusion.transport import Transport
+from dar.distillation.config import RESUMABLE_CHANGES, DistillRunConfig, resolve_distill
+from dar.distillation.dmd import distribution_matching, fake_score_loss, generator_output
+from dar.errors import CheckpointError, TrainingDiverged
+from dar.files import atomic_write_text, check_free_space, directory_lock, fsync_dir
+from dar.models.sit import build_model, count_parameters
+from dar.provenance import package_versions, weights_sha256
+from dar.seeds import Stream, seeded_generator
+from dar.training.checkpoint import (
+    FORMAT,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    load_pretrained,
+    load_state_into,
+    read_state,
+    read_weights,
+    remove_partial_checkpoints,
+    save_weights,
+    weights_file,
+)
+from dar.training.config import RunConfig
+from dar.training.monitors import PeriodicEval, SampleGrid
+from dar.training.runtime import Distributed
+from dar.training.trainer import MetricsLog, ProgressReport, config_differences, update_ema
+
+RUN_RECORDS = ("metrics.jsonl", "config.json", "generator_config.json", "samples", "tensorboard")
+
+
+def distill(teacher: str | Path | None, run_dir: str | Path, overrides=(), device: str | None = None,
+            progress: bool = True, stop_after: int | None = None, overwrite: bool = False) -> dict:
+    """Distil ``teacher`` (a `dar train` run dir, checkpoint dir or weights file) into the generator of
+    ``run_dir`` with ``distill.KEY=VALUE`` / ``student.routing.KEY=VALUE`` ``overrides``, or continue
+    the run there (``teacher`` may then be None: the recorded one is used). ``stop_after`` ends after
+    that step (tests simulate an interruption with it). Returns a summary dict."""
+    run_dir = Path(run_dir)
+    env = Distributed(device)
+    try:
+        if env.world_size > 1:
+            raise ValueError("dar distill runs in one process (no torchrun); it holds three models on one device")
+        with directory_lock(run_dir, "dar distill"):
+            return Distiller(teacher, run_dir, list(overrides), env, progress, overwrite).run(stop_after)
+    finally:
+        env.close()
+
+
+def load_teacher(path: str | Path, which: str, device) -> tuple[torch.nn.Module, RunConfig, dict]:
+    """The teacher (not yet frozen) with the record that identifies it (weights file, SHA-256, step)."""
+    file = weights_file(path, which)
+    teacher, config, step = load_model(file, which, device)
+    return teacher, config, {"path": str(path), "file": str(file), "weights": which, "step": step,
+                             "weights_sha256": weights_sha256(file)}
+
+
+def generator_run_config(teacher_config: RunConfig, config: DistillRunConfig, teacher_file: str) -> RunConfig:
+    """The RunConfig stored with the generator's weights: the teacher's model under the student's routing,
+    the few-step ``generator`` sampler, and the distillation's settings where a RunConfig has them."""
+    d = config.distill
+    try:
+        model = dataclasses.replace(teacher_config.model, routing=config.student.routing)
+    except ValueError as error:
+        raise ValueError(f"student.routing does not fit the teacher's {teacher_config.model.arch}: {error}") from None
+    train = dataclasses.replace(
+        teacher_config.train, steps=d.steps, global_batch=d.global_batch, lr=d.student_lr,
+        weight_decay=d.weight_decay, betas=d.betas, ema_decay=d.ema_decay, ema_warmup=d.ema_warmup,
+        grad_clip=d.grad_clip, seed=d.seed, log_every=d.log_every, ckpt_every=d.ckpt_every,
+        sample_every=d.sample_every, eval_every=d.eval_every, eval_samples=d.eval_samples,
+        keep_checkpoints=d.keep_checkpoints, init_from=teacher_file, router_lr_scale=1.0)
+    # a REPA teacher's alignment head is not part of the generator (load_pretrained leaves it out)
+    repa = dataclasses.replace(teacher_config.repa, enabled=False)
+    return dataclasses.replace(teacher_config, model=model, train=train, repa=repa,
+                               sampler=SamplerConfig(method="generator", steps=d.generator_steps))
+
+
+class Distiller:
+    """One distillation run: teacher, fake score, generator and its EMA, two optimisers, the loop."""
+
+    def __init__(self, teacher: str | Path | None, run_dir: Path, overrides: list[str], env: Distributed,
+                 progress: bool, overwrite: bool):
+        self.run_dir, self.env, self.progress, self.overwrite = run_dir, env, progress, overwrite
+        for partial in remove_partial_checkpoints(run_dir):
+            print(f"[dar] removed {partial}, left by an interrupted checkpoint write", flush=True)
+        latest = latest_checkpoint(run_dir)
+        self.state = read_state(latest) if latest is not None else None
+        self.latest = latest
+        if self.state is None and teacher is None:
+            raise ValueError(f"{run_dir} holds no distillation to continue: give --teacher RUN_OR_CHECKPOINT")
+        if self.state is not None and "distill" not in self.state:
+            raise CheckpointError(f"{latest} is not a `dar distill` checkpoint (a `dar train` run?): use another --run-dir")
+
+        if self.state is None:
+            which = _teacher_weights(overrides)
+            self.teacher, teacher_config, self.teacher_record = load_teacher(teacher, which, env.device)
+            self.config = resolve_distill(str(teacher), teacher_config.model.routing, overrides)
+        else:
+            self.teacher, teacher_config, self.teacher_record = self._recorded_teacher(teacher)
+            try:
+                stored = DistillRunConfig.from_dict(self.state["distill"])
+            except ValueError as error:
+                raise CheckpointError(f"{latest}/state.json: field distill is not a valid config: {error}") from None
+            self.config = resolve_distill(stored.teacher if teacher is None else str(teacher),
+                                          stored.student.routing, overrides, stored=stored)
+            changed = [k for k in config_differences(self.state["distill"], self.config.to_dict())
+                       if k not in RESUMABLE_CHANGES]
+            if changed:
+                raise ValueError(f"{run_dir} was started with a different config ({', '.join(changed)}); use a new "
+                                 "run directory or the original settings")
+            if self.config.distill.steps < self.state["step"]:
+                raise ValueError(f"distill.steps={self.config.distill.steps} is below the step of {latest} "
+                                 f"({self.state['step']}): a run cannot be shortened")
+        # the fake score: a trainable copy of the teacher (fixed buffers-as-parameters such as pos_embed stay
+        # fixed: the copy keeps the flags the model was built with); then the teacher is frozen
+        self.fake = copy.deepcopy(self.teacher).train()
+        self.teacher.requires_grad_(False).eval()
+        d = self.config.distill
+        self.teacher_config = teacher_config
+        self._check_teacher(teacher_config)
+        self.generator_config = generator_run_config(teacher_config, self.config, self.teacher_record["file"])
+        self.transport = Transport(teacher_config.transport_path)
+
+        torch.manual_seed(d.seed)
+        self.student = build_model(self.generator_config.model).to(env.device)
+        self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+        # the student starts as the teacher (a converted DAR student: routers at their init), as train.init_from
+        self.init_record = load_pretrained(self.teacher_record["file"], self.student, self.ema, self.generator_config)
+        self.student.train()
+        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=d.student_lr, betas=d.betas,
+                                             weight_decay=d.weight_decay)
+        self.opt_fake = torch.optim.AdamW(self.fake.parameters(), lr=d.fake_lr, betas=d.betas,
+                                          weight_decay=d.weight_decay)
+        self.generator_updates = 0
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _recorded_teacher(self, given: str | Path | None):
+        """On resume: the teacher file of the first checkpoint, unchanged (SHA-256), and if ``given``,
+        the same weights as it resolves to now."""
+        record = self.state["teacher"]
+        file = Path(record["file"])
+        if not file.is_file():
+            raise CheckpointError(f"the teacher of this run, {file}, is gone: restore it to continue the run")
+        teacher, config, step = load_model(file, record["weights"], self.env.device)
+        if weights_sha256(file) != record["weights_sha256"]:
+            raise CheckpointError(f"the teacher of this run, {file}, has changed since the run started (its weights' "
+                                  "SHA-256 differs): restore the original to continue, or start a new run")
+        if given is not None:
+            now = weights_file(given, record["weights"])
+            if weights_sha256(now) != record["weights_sha256"]:
+                raise ValueError(f"--teacher {given} is now {now}, not the teacher this run started from ({file}); "
+                                 "leave out --teacher to continue with the recorded one")
+        return teacher, config, record
+
+    def _check_teacher(self, teacher_config: RunConfig) -> None:
+        d = self.config.distill
+        if d.cfg_scale != 1.0 and teacher_config.train.label_dropout == 0.0:
+            raise ValueError(f"distill.cfg_scale={d.cfg_scale} needs a teacher trained with label dropout, but the "
+                             "teacher's train.label_dropout is 0 (its unconditional prediction is untrained); use "
+                             "distill.cfg_scale=1")
+        if d.eval_every and teacher_config.data.name != "builtin":
+            raise ValueError("distill.eval_every needs a teacher trained on data.name=builtin (the in-domain "
+                             "evaluator's reference); evaluate other data with `dar sample` + `dar eval`")
+        routing, base = self.config.student.routing, teacher_config.model.routing
+        if (routing.mode == "dar" and base.mode == "residual" and routing.chunk_size > 1 and routing.summary != "sum"
+                and self.state is None):
+            print(f"[dar] note: a DAR student with chunk_size={routing.chunk_size} and summary={routing.summary} does "
+                  "not compute the residual teacher's function at step 0; student.routing.summary=sum does "
+                  "(docs/METHOD.md §12)", flush=True)
+
+    def _claim_fresh_run_dir(self) -> None:
+        leftovers = [name for name in RUN_RECORDS if (self.run_dir / name).exists()]
+        if leftovers and not self.overwrite:
+            raise ValueError(f"{self.run_dir} holds {', '.join(leftovers)} of an earlier run but no checkpoint to "
+                             "continue from; use another --run-dir, or --overwrite to replace them")
+        for name in leftovers:
+            path = self.run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def restore(self) -> int:
+        if self.state is None:
+            self._claim_fresh_run_dir()
+            return 0
+        path = self.latest
+        for name, module in (("model", self.student), ("ema", self.ema), ("fake", self.fake)):
+            tensors, _ = read_weights(path / f"{name}.safetensors")
+            load_state_into(module, tensors, path / f"{name}.safetensors")
+        file = path / "optimizer.pt"
+        try:
+            states = torch.load(file, map_location="cpu", weights_only=True)
+            self.opt_student.load_state_dict(states["generator"])
+            self.opt_fake.load_state_dict(states["fake"])
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"{file} holds objects other than tensors and numbers; refusing to unpickle it") from None
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError, TypeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(f"{file} is missing, corrupt or does not fit: {reason}") from None
+        self.generator_updates = int(self.state["generator_updates"])
+        return int(self.state["step"])
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self, stop_after: int | None) -> dict:
+        d, run_dir = self.config.distill, self.run_dir
+        step = self.restore()
+        self.log = MetricsLog(run_dir / "metrics.jsonl", True)
+        if step == d.steps:
+            print(f"[dar] {run_dir} already finished at step {step} (distill.steps={d.steps}); raise distill.steps "
+                  "to continue it", flush=True)
+            return {"step": step, "run_dir": str(run_dir), "already_finished": True}
+        atomic_write_text(run_dir / "config.json", self.config.to_json())
+        atomic_write_text(run_dir / "generator_config.json", self.generator_config.to_json())
+        self.log.truncate_after(step)
+        self._announce(step)
+        grids = None
+        if d.sample_every:
+            grids = SampleGrid(self.generator_config, types.SimpleNamespace(class_names=_class_names(self.generator_config)),
+                               self.env, run_dir)
+        evaluator = PeriodicEval(self.generator_config, self.env) if d.eval_every else None
+        report = ProgressReport(self.progress, d.steps, step)
+        window: dict[str, list[float]] = {}
+        window_start = time.perf_counter()
+        last_saved = step if step > 0 else None
+        try:
+            while step < d.steps:
+                record = self._step(step, last_saved)
+                step += 1
+                for key, value in record.items():
+                    window.setdefault(key, []).append(value)
+                report.step(record["fake_loss"])
+                if step % d.log_every == 0 or step == d.steps:
+                    steps_per_s = len(window["fake_loss"]) / max(time.perf_counter() - window_start, 1e-9)
+                    self.log.write({"step": step, **{k: sum(v) / len(v) for k, v in window.items()},
+                                    "generator_updates": self.generator_updates, "lr_student": self._lr(d.student_lr, step - 1),
+                                    "lr_fake": self._lr(d.fake_lr, step - 1), "steps_per_s": steps_per_s,
+                                    "time": time.time()})
+                    report.window(step, sum(window["fake_loss"]) / len(window["fake_loss"]), steps_per_s)
+                    window, window_start = {}, time.perf_counter()
+                if grids is not None and (step % d.sample_every == 0 or step == d.steps):
+                    with self._monitor_rng():
+                        grid = grids.save(self.ema, step)
+                    if grid is not None:
+                        report.event(f"wrote sample grid {grid}")
+                if evaluator is not None and (step % d.eval_every == 0 or step == d.steps):
+                    with self._monitor_rng():
+                        self.log.write({"step": step, **evaluator(self.ema)})
+                if (d.ckpt_every and step % d.ckpt_every == 0) or step == d.steps or step == stop_after:
+                    path = self._save(step)
+                    report.event(f"wrote checkpoint {path}")
+                    last_saved = step
+                if stop_after is not None and step >= stop_after:
+                    break
+        finally:
+            report.close()
+        return {"step": step, "generator_updates": self.generator_updates, "run_dir": str(run_dir),
+                "final_fake_loss": self.log.last("fake_loss"), "final_generator_loss": self.log.last("generator_loss")}
+
+    def _lr(self, base: float, step: int) -> float:
+        warmup = self.config.distill.warmup_steps
+        return base * min(1.0, (step + 1) / warmup) if warmup else base
+
+    def is_generator_step(self, step: int) -> bool:
+        """Step ``step`` (0-based) updates the generator: steps k, 2k, ... counted from 1, so the fake
+        score has taken k - 1 updates on the generator's samples before the first generator update."""
+        return (step + 1) % self.config.distill.update_ratio == 0
+
+    def step_inputs(self, step: int) -> dict:
+        """Every random number of step ``step``, for the whole batch, from generators seeded by (seed, step)."""
+        d, m = self.config.distill, self.generator_config.model
+        B, shape = d.global_batch, (d.global_batch, m.in_channels, m.input_size, m.input_size)
+        g = seeded_generator(d.seed, step, Stream.DISTILL_GENERATOR)
+        y = torch.randint(m.num_classes, (B,), generator=g)
+        z = torch.randn(shape, generator=g)
+        k = int(torch.randint(d.generator_steps, (1,), generator=g)) if d.generator_steps > 1 else 0
+        rollout = [torch.randn(shape, generator=g) for _ in range(k)]
+        g = seeded_generator(d.seed, step, Stream.DISTILL_DM)
+        dm_t = d.t_min + (d.t_max - d.t_min) * torch.rand(B, generator=g)
+        dm_noise = torch.randn(shape, generator=g)
+        g = seeded_generator(d.seed, step, Stream.DISTILL_FAKE)
+        fake_t = torch.rand(B, generator=g)
+        fake_noise = torch.randn(shape, generator=g)
+        device = self.env.device
+        return {"y": y.to(device), "z": z.to(device), "k": k, "rollout": [r.to(device) for r in rollout],
+                "dm_t": dm_t.to(device), "dm_noise": dm_noise.to(device), "fake_t": fake_t.to(device),
+                "fake_noise": fake_noise.to(device)}
+
+    def _step(self, step: int, last_saved: int | None) -> dict[str, float]:
+        d = self.config.distill
+        inputs = self.step_inputs(step)
+        update_generator = self.is_generator_step(step)
+        x = generator_output(self.student, inputs["z"], inputs["y"], self.transport, d.generator_steps, inputs["k"],
+                             inputs["rollout"], grad=update_generator)
+        record: dict[str, float] = {"sample_std": x.detach().float().std().item()}
+        if update_generator:
+            loss, grad = distribution_matching(x, inputs["y"], self.teacher, self.fake, self.transport,
+                                               inputs["dm_t"], inputs["dm_noise"], d.cfg_scale)
+            self._check_finite("generator loss", loss, step, last_saved)
+            self._set_lr(self.opt_student, d.student_lr, step)
+            self.opt_student.zero_grad(set_to_none=True)
+            loss.backward()
+            record["generator_grad_norm"] = _clip(self.student, d.grad_clip)
+            self.opt_student.step()
+            decay = min(d.ema_decay, (1 + self.generator_updates) / (10 + self.generator_updates)) if d.ema_warmup \
+                else d.ema_decay
+            update_ema(self.ema, self.student, decay)
+            self.generator_updates += 1
+            record.update(generator_loss=loss.item(), dm_grad_norm=grad.norm().item())
+        fake_loss = fake_score_loss(self.fake, x, inputs["y"], self.transport, inputs["fake_noise"], inputs["fake_t"])
+        self._check_finite("fake-score loss", fake_loss, step, last_saved)
+        self._set_lr(self.opt_fake, d.fake_lr, step)
+        self.opt_fake.zero_grad(set_to_none=True)
+        fake_loss.backward()
+        record["fake_grad_norm"] = _clip(self.fake, d.grad_clip)
+        self.opt_fake.step()
+        record["fake_loss"] = fake_loss.item()
+        return record
+
+    def _set_lr(self, optimizer, base: float, step: int) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = self._lr(base, step)
+
+    @staticmethod
+    def _check_finite(what: str, loss: torch.Tensor, step: int, last_saved: int | None) -> None:
+        value = loss.item()
+        if not math.isfinite(value):
+            kept = (f"the last good checkpoint (step {last_saved}) is intact" if last_saved is not None else
+                    "no checkpoint had been written yet")
+            raise TrainingDiverged(f"the {what} is {value} at step {step + 1}; stopped before the update, {kept}. "
+                                   "Lower distill.student_lr / distill.fake_lr or distill.cfg_scale.")
+
+    @contextlib.contextmanager
+    def _monitor_rng(self):
+        """Grids and evaluation of a multi-step generator re-noise with the global RNG (as `dar sample
+        --grid` does): seed it per run, and leave the process's RNG as it was."""
+        devices = [self.env.device] if self.env.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seeded_generator(self.config.distill.seed, 0, Stream.DISTILL_MONITOR).initial_seed())
+            yield
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _save(self, step: int) -> Path:
+        """checkpoints/step_N/, assembled under a temporary name and renamed into place (as
+        :func:`dar.training.checkpoint.save_checkpoint`)."""
+        d = self.config.distill
+        root = self.run_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        weights = sum(t.numel() * t.element_size() for t in self.student.state_dict().values())
+        fake = sum(t.numel() * t.element_size() for t in self.fake.state_dict().values())
+        check_free_space(root, 4 * weights + 3 * fake, f"the step {step} checkpoint")
+        final = root / f"step_{step:07d}"
+        tmp = root / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            save_weights(self.student, tmp / "model.safetensors", self.generator_config, step)
+            save_weights(self.ema, tmp / "ema.safetensors", self.generator_config, step)
+            save_weights(self.fake, tmp / "fake.safetensors", self.teacher_config, step)
+            torch.save({"generator": self.opt_student.state_dict(), "fake": self.opt_fake.state_dict()},
+                       tmp / "optimizer.pt")
+            state = {"format": FORMAT, "kind": "distill", "step": step, "generator_updates": self.generator_updates,
+                     "config": self.generator_config.to_dict(), "distill": self.config.to_dict(),
+                     "teacher": self.teacher_record, "init_from": self.init_record, "versions": package_versions()}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+            for f in tmp.iterdir():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if error.errno == errno.ENOSPC:
+                raise CheckpointError(f"the disk holding {root} filled up while writing the step {step} checkpoint; "
+                                      "nothing was replaced: free space and rerun to continue") from None
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():  # a resumed run reached this step again: swap atomically
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(root)
+        if d.keep_checkpoints > 0:
+            for stale in list_checkpoints(self.run_dir)[:-d.keep_checkpoints]:
+                shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    def _announce(self, step: int) -> None:
+        d, m = self.config.distill, self.generator_config.model
+        params = count_parameters(self.student)
+        kind = "one-step" if d.generator_steps == 1 else f"{d.generator_steps}-step"
+        print(f"[dar] distilling {self.teacher_record['file']} ({self.teacher_config.model.routing.describe}, step "
+              f"{self.teacher_record['step']}) into a {kind} {m.arch} {m.routing.describe} generator "
+              f"({params['total']:,} parameters); cfg {d.cfg_scale}, generator updated every {d.update_ratio} steps; "
+              f"{'resuming at' if step else 'starting from'} step {step} of {d.steps} on {self.env.device}; "
+              f"checkpoints {f'every {d.ckpt_every} steps and ' if d.ckpt_every else ''}at the end in "
+              f"{self.run_dir / 'checkpoints'}", flush=True)
+
+
+def _clip(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm`` (0: no clipping); returns the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf")).item()
+
+
+def _class_names(config: RunConfig) -> list[str]:
+    from dar.generation.grid import class_names
+
+    return class_names(config)
+
+
+def _teacher_weights(overrides: list[str]) -> str:
+    """distill.teacher_weights among the overrides (needed before the teacher, hence the config, is loaded)."""
+    from dar.distillation.config import DistillConfig
+    from dar.training.config import from_dict
+
+    values = {"teacher_weights": v.strip() for k, _, v in (o.partition("=") for o in overrides)
+              if k.strip() == "distill.teacher_weights"}
+    return from_dict(DistillConfig, values, "distill.").teacher_weights
+
