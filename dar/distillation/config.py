@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 
 from dar.routing import RoutingConfig
-from dar.training.config import from_dict
+from dar.training.config import from_dict, nest
 
 WEIGHTS = ("ema", "model")
 
@@ -139,16 +139,7 @@ def resolve_distill(teacher: str, teacher_routing: RoutingConfig, overrides: typ
             raise ValueError(f"unknown config key {key}: `dar distill` takes distill.KEY=VALUE and "
                              "student.routing.KEY=VALUE overrides (docs/DISTILLATION.md lists them)")
         flat[key] = value.strip()
-    nested: dict = {"teacher": str(teacher)}
-    for key, value in flat.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"config key {key!r}: {part!r} is a value, not a section")
-        node[leaf] = value
-    return from_dict(DistillRunConfig, nested)
+    return from_dict(DistillRunConfig, nest(flat, {"teacher": str(teacher)}))
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

@@ -28,10 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import errno
-import json
 import math
-import os
 import pickle
 import shutil
 import time
@@ -45,14 +42,12 @@ from dar.diffusion.transport import Transport
 from dar.distillation.config import RESUMABLE_CHANGES, DistillRunConfig, resolve_distill
 from dar.distillation.dmd import distribution_matching, fake_score_loss, generator_output
 from dar.errors import CheckpointError, TrainingDiverged
-from dar.files import atomic_write_text, check_free_space, directory_lock, fsync_dir
+from dar.files import atomic_write_text, directory_lock
 from dar.models.sit import build_model, count_parameters
-from dar.provenance import package_versions, weights_sha256
+from dar.provenance import weights_sha256
 from dar.seeds import Stream, seeded_generator
 from dar.training.checkpoint import (
-    FORMAT,
     latest_checkpoint,
-    list_checkpoints,
     load_model,
     load_pretrained,
     load_state_into,
@@ -60,6 +55,7 @@ from dar.training.checkpoint import (
     read_weights,
     remove_partial_checkpoints,
     save_weights,
+    write_checkpoint_dir,
     weights_file,
 )
 from dar.training.config import RunConfig
@@ -381,52 +377,22 @@ class Distiller:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _save(self, step: int) -> Path:
-        """checkpoints/step_N/, assembled under a temporary name and renamed into place (as
-        :func:`dar.training.checkpoint.save_checkpoint`)."""
-        d = self.config.distill
-        root = self.run_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
+        """checkpoints/step_N/: generator, its EMA, the fake score, both optimizers, all or nothing."""
         weights = sum(t.numel() * t.element_size() for t in self.student.state_dict().values())
         fake = sum(t.numel() * t.element_size() for t in self.fake.state_dict().values())
-        check_free_space(root, 4 * weights + 3 * fake, f"the step {step} checkpoint")
-        final = root / f"step_{step:07d}"
-        tmp = root / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+
+        def write(tmp: Path) -> dict:
             save_weights(self.student, tmp / "model.safetensors", self.generator_config, step)
             save_weights(self.ema, tmp / "ema.safetensors", self.generator_config, step)
             save_weights(self.fake, tmp / "fake.safetensors", self.teacher_config, step)
             torch.save({"generator": self.opt_student.state_dict(), "fake": self.opt_fake.state_dict()},
                        tmp / "optimizer.pt")
-            state = {"format": FORMAT, "kind": "distill", "step": step, "generator_updates": self.generator_updates,
-                     "config": self.generator_config.to_dict(), "distill": self.config.to_dict(),
-                     "teacher": self.teacher_record, "init_from": self.init_record, "versions": package_versions()}
-            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-            for f in tmp.iterdir():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-        except OSError as error:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if error.errno == errno.ENOSPC:
-                raise CheckpointError(f"the disk holding {root} filled up while writing the step {step} checkpoint; "
-                                      "nothing was replaced: free space and rerun to continue") from None
-            raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if final.exists():  # a resumed run reached this step again: swap atomically
-            old = root / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
-        if d.keep_checkpoints > 0:
-            for stale in list_checkpoints(self.run_dir)[:-d.keep_checkpoints]:
-                shutil.rmtree(stale, ignore_errors=True)
-        return final
+            return {"kind": "distill", "generator_updates": self.generator_updates,
+                    "config": self.generator_config.to_dict(), "distill": self.config.to_dict(),
+                    "teacher": self.teacher_record, "init_from": self.init_record}
+
+        return write_checkpoint_dir(self.run_dir, step, write, 4 * weights + 3 * fake,
+                                    self.config.distill.keep_checkpoints)
 
     def _announce(self, step: int) -> None:
         d, m = self.config.distill, self.generator_config.model

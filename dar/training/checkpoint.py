@@ -96,14 +96,8 @@ def save_checkpoint(
     """Write checkpoint ``step`` of the run. ``model``, ``ema`` and ``optimizer`` are unsharded modules
     and optimizer, or their full state dicts (what the trainer passes; only one process writes)."""
     model, ema, optimizer = _state(model), _state(ema), _state(optimizer)
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    check_free_space(root, checkpoint_bytes(model, optimizer), f"the step {step} checkpoint")
-    final = root / f"step_{step:07d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> dict:
         save_weights(model, tmp / "model.safetensors", config, step)
         save_weights(ema, tmp / "ema.safetensors", config, step)
         torch.save(optimizer, tmp / "optimizer.pt")
@@ -111,8 +105,26 @@ def save_checkpoint(
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / "rng.safetensors"))
-        state = {"format": FORMAT, "step": step, "config": config.to_dict(), "versions": package_versions(),
-                 **extra_state}
+        return {"config": config.to_dict(), **extra_state}
+
+    return write_checkpoint_dir(run_dir, step, write, checkpoint_bytes(model, optimizer), keep)
+
+
+def write_checkpoint_dir(run_dir: Path, step: int, write, size: int, keep: int = 0) -> Path:
+    """``RUN/checkpoints/step_N/``, all or nothing: ``write(tmp)`` fills a temporary directory with the
+    checkpoint's files and returns its state.json fields (format, step and versions are added); the files
+    are synced and the directory renamed into place (a checkpoint of the same step is swapped atomically).
+    A full disk (``size`` bytes are checked first) or any error leaves the previous checkpoints as they
+    were. ``keep`` > 0 then prunes all but the newest ``keep``."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    check_free_space(root, size, f"the step {step} checkpoint")
+    final = root / f"step_{step:07d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        state = {"format": FORMAT, "step": step, "versions": package_versions(), **write(tmp)}
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
@@ -121,7 +133,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         if error.errno == errno.ENOSPC:
             raise CheckpointError(f"the disk holding {root} filled up while writing the step {step} checkpoint "
-                                  f"(about {checkpoint_bytes(model, optimizer) / 2**20:.0f} MB); nothing was "
+                                  f"(about {size / 2**20:.0f} MB); nothing was "
                                   "replaced: free space and rerun to continue from the last checkpoint") from None
         raise
     except BaseException:

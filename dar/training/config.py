@@ -241,7 +241,12 @@ def resolve(preset: str = "fmnist", overrides: typing.Sequence[str] = ()) -> Run
 
 
 def from_flat(flat: dict[str, typing.Any]) -> RunConfig:
-    nested: dict = {}
+    return from_dict(RunConfig, nest(flat))
+
+
+def nest(flat: dict[str, typing.Any], into: dict | None = None) -> dict:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (added to ``into``)."""
+    nested: dict = {} if into is None else into
     for key, value in flat.items():
         node = nested
         *parents, leaf = key.split(".")
@@ -250,7 +255,7 @@ def from_flat(flat: dict[str, typing.Any]) -> RunConfig:
             if not isinstance(node, dict):
                 raise ValueError(f"config key {key!r}: {part!r} is a value, not a section")
         node[leaf] = value
-    return from_dict(RunConfig, nested)
+    return nested
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
