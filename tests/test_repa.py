@@ -87,6 +87,18 @@ def test_a_projector_changes_no_other_weight_or_output():
         plain(torch.randn(1, 1, 16, 16), torch.rand(1), torch.tensor([0]), align=True)
 
 
+def test_repa_defaults_follow_the_model_and_the_data():
+    builtin = resolve("fmnist", ["repa.enabled=true"])  # SiT-Nano/4: 6 blocks, width 128
+    assert (builtin.repa.encoder, builtin.repa.depth, builtin.repa.projector_dim) == ("efficientnet-lite0", 2, 256)
+    deep = resolve("fmnist-deep", ["repa.enabled=on", "repa.projector_dim=512"])
+    assert (deep.repa.depth, deep.repa.projector_dim) == (4, 512)
+    xl = resolve("imagenet256-xl", ["repa.enabled=true", "repa.encoder_path=/weights/dinov2-base"])
+    assert (xl.repa.encoder, xl.repa.depth, xl.repa.projector_dim, xl.model.routing.final) == ("dinov2-b", 8, 2048, "reuse_last")
+    assert resolve("imagenet256-b-residual", ["repa.enabled=true"]).repa.depth == 4
+    off = resolve("fmnist", ["repa.enabled=false"])
+    assert off.repa == resolve("fmnist", []).repa and off.model.routing.final == "dedicated"
+
+
 def test_repa_config_is_validated_and_dar_drops_the_final_aggregator():
     assert resolve("fmnist", ["repa.enabled=true", "repa.encoder=efficientnet-lite0", "repa.depth=2"]).model.routing.final == "reuse_last"
     kept = resolve("fmnist", ["repa.enabled=true", "repa.encoder=efficientnet-lite0", "repa.depth=2",
@@ -96,6 +108,8 @@ def test_repa_config_is_validated_and_dar_drops_the_final_aggregator():
     assert resolve("fmnist", ["repa.enabled=true", "repa.encoder=efficientnet-lite0", "repa.depth=2"]).projector.dim == 112
     with pytest.raises(ValueError, match="repa.depth=6 must lie in"):
         resolve("fmnist", ["repa.enabled=true", "repa.depth=6"])  # SiT-Nano has 6 blocks
+    with pytest.raises(ValueError, match="repa.enabled must be true or false"):
+        resolve("fmnist", ["repa.enabled=maybe"])
     with pytest.raises(ValueError, match="repa.encoder='clip' is not one of"):
         resolve("fmnist", ["repa.encoder=clip"])
     with pytest.raises(ValueError, match="repa.weight"):

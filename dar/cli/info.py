@@ -38,7 +38,8 @@ def run(args) -> int:
     print(f"routing     {routing.describe}  (query={routing.query}, chunk_size={routing.chunk_size}, "
           f"final={routing.final}, time_query={routing.time_query})" if routing.mode == "dar"
           else f"routing     {routing.describe}")
-    print(f"parameters  {p['total']:,} total, {p['trainable']:,} trainable, {p['routing']:,} routing")
+    print(f"parameters  {p['total']:,} total, {p['trainable']:,} trainable, {p['routing']:,} routing"
+          + (f", {p['projector']:,} REPA projector (unused in sampling)" if p["projector"] else ""))
     if info["source_set_sizes"]:
         print(f"sources     per aggregator: {info['source_set_sizes']}")
     print(f"data        {config.data.name}; train {config.train.steps} steps, batch {config.train.global_batch}, "

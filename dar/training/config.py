@@ -233,11 +233,28 @@ def resolve(preset: str = "fmnist", overrides: typing.Sequence[str] = ()) -> Run
             raise ValueError(f"override {item!r} must look like key=value, e.g. train.steps=100")
         key, value = item.split("=", 1)
         flat[key.strip()] = value.strip()
-    config = from_flat(flat)
-    if config.repa.enabled and config.model.routing.mode == "dar" and "model.routing.final" not in flat:
-        # The paper's DAR + REPA drops the dedicated final aggregator and reuses the last sublayer's
-        config = replace(config, model=replace(config.model, routing=replace(config.model.routing, final="reuse_last")))
-    return config
+    if "repa.enabled" in flat and _parse(flat["repa.enabled"], bool, "repa.enabled"):
+        flat = {**repa_defaults(from_flat({k: v for k, v in flat.items() if k != "repa.enabled"})), **flat}
+    return from_flat(flat)
+
+
+def alignment_depth(blocks: int) -> int:
+    """REPA's alignment depth for a model of ``blocks`` blocks: 8 at SiT-L/XL's 24/28, 4 at SiT-B's 12 (REPA's
+    settings), a third of the depth below."""
+    return 8 if blocks >= 24 else 4 if blocks >= 12 else max(1, blocks // 3)
+
+
+def repa_defaults(config: RunConfig) -> dict[str, typing.Any]:
+    """What ``repa.enabled=true`` brings unless given: REPA's depth for the model's size; for the built-in
+    data an encoder that runs offline (EfficientNet-Lite0, not the evaluator's classifier) and a projector
+    sized for a small model (REPA's 2048 serves width 1152); with DAR the paper's final aggregation, the
+    last sublayer's aggregator reused."""
+    defaults: dict[str, typing.Any] = {"repa.depth": alignment_depth(config.model.dims[0])}
+    if config.data.name == "builtin":
+        defaults.update({"repa.encoder": "efficientnet-lite0", "repa.projector_dim": 256})
+    if config.model.routing.mode == "dar":
+        defaults["model.routing.final"] = "reuse_last"
+    return defaults
 
 
 def from_flat(flat: dict[str, typing.Any]) -> RunConfig:

@@ -484,6 +484,9 @@ class Trainer:
               f"{self.env.world_size} process(es) on {self.env.device}"
               f"{sharing}; checkpoints {f'every {tc.ckpt_every} steps and ' if tc.ckpt_every else ''}at the "
               f"end in {self.run_dir / 'checkpoints'}", flush=True)
+        if config.repa.enabled:
+            print(f"[dar] REPA: {config.repa.encoder} features aligned with the input of block {config.repa.depth}, "
+                  f"weight {config.repa.weight}, projector {params['projector']:,} parameters", flush=True)
 
 
 def parameter_groups(model: torch.nn.Module, tc) -> list[dict]:
