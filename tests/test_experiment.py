@@ -50,7 +50,7 @@ def test_bad_experiment_files_are_rejected_before_training(tmp_path, text, messa
 
 
 def test_summary_speedup_against_each_seeds_baseline(tmp_path):
-    path = write(tmp_path)
+    path = write(tmp_path, STUDY.replace("train.steps=4", "train.steps=300"))  # the fake evaluations' length
     dirs = run_dirs(load_experiment(path), tmp_path)
     curves = {("residual", 0): [9, 7, 5], ("residual", 1): [10, 8, 6],
               ("dar", 0): [8, 5, 3], ("dar", 1): [9, 7, 4]}
@@ -74,7 +74,7 @@ def test_summary_speedup_against_each_seeds_baseline(tmp_path):
 def test_report_draws_curves_and_tables_from_metrics(tmp_path):
     from dar.study.report import write_report
 
-    path = write(tmp_path)
+    path = write(tmp_path, STUDY.replace("train.steps=4", "train.steps=300"))
     experiment = load_experiment(path)
     dirs = run_dirs(experiment, tmp_path)
     curves = {("residual", 0): [9, 7, 5], ("residual", 1): [10, 8, 6], ("dar", 0): [8, 5, 3], ("dar", 1): [11, 9, 7]}
