@@ -29,8 +29,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import pickle
-import shutil
 import time
 import types
 from pathlib import Path
@@ -47,6 +45,8 @@ from dar.models.sit import build_model, count_parameters
 from dar.provenance import weights_sha256
 from dar.seeds import Stream, seeded_generator
 from dar.training.checkpoint import (
+    clear_earlier_records,
+    optimizer_state_errors,
     latest_checkpoint,
     load_model,
     load_pretrained,
@@ -205,33 +205,19 @@ class Distiller:
                   "not compute the residual teacher's function at step 0; student.routing.summary=sum does "
                   "(docs/METHOD.md §12)", flush=True)
 
-    def _claim_fresh_run_dir(self) -> None:
-        leftovers = [name for name in RUN_RECORDS if (self.run_dir / name).exists()]
-        if leftovers and not self.overwrite:
-            raise ValueError(f"{self.run_dir} holds {', '.join(leftovers)} of an earlier run but no checkpoint to "
-                             "continue from; use another --run-dir, or --overwrite to replace them")
-        for name in leftovers:
-            path = self.run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
     def restore(self) -> int:
         if self.state is None:
-            self._claim_fresh_run_dir()
+            clear_earlier_records(self.run_dir, RUN_RECORDS, self.overwrite)
             return 0
         path = self.latest
         for name, module in (("model", self.student), ("ema", self.ema), ("fake", self.fake)):
             tensors, _ = read_weights(path / f"{name}.safetensors")
             load_state_into(module, tensors, path / f"{name}.safetensors")
         file = path / "optimizer.pt"
-        try:
+        with optimizer_state_errors(file):
             states = torch.load(file, map_location="cpu", weights_only=True)
             self.opt_student.load_state_dict(states["generator"])
             self.opt_fake.load_state_dict(states["fake"])
-        except pickle.UnpicklingError:
-            raise CheckpointError(f"{file} holds objects other than tensors and numbers; refusing to unpickle it") from None
-        except (OSError, RuntimeError, ValueError, KeyError, EOFError, TypeError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise CheckpointError(f"{file} is missing, corrupt or does not fit: {reason}") from None
         self.generator_updates = int(self.state["generator_updates"])
         return int(self.state["step"])
 

@@ -19,6 +19,7 @@ present; the temporary directories a crash leaves are removed by :func:`remove_p
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -296,6 +297,34 @@ def load_pretrained(path: str | Path, model, ema, config: RunConfig) -> dict:
     return record
 
 
+@contextlib.contextmanager
+def optimizer_state_errors(file: Path):
+    """Reading and applying an ``optimizer.pt`` (always ``weights_only``): any failure becomes one
+    CheckpointError naming the file."""
+    try:
+        yield
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, i.e. running code from the file: never
+        raise CheckpointError(f"{file} holds objects other than tensors and numbers; refusing to "
+                              "unpickle it (it was not written by dar, or was tampered with)") from None
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{file} is missing, corrupt or does not fit: {reason}") from None
+
+
+def clear_earlier_records(run_dir: Path, records: tuple[str, ...], overwrite: bool, remove: bool = True) -> None:
+    """A new run in ``run_dir`` (no checkpoint): records of an earlier run there (logs, configs, grids) are
+    refused unless ``overwrite``, then removed (by the one process that writes, ``remove``)."""
+    leftovers = [name for name in records if (run_dir / name).exists()]
+    if leftovers and not overwrite:
+        raise ValueError(f"{run_dir} holds {', '.join(leftovers)} of an earlier run but no checkpoint to "
+                         "continue from; use another --run-dir, or --overwrite to replace them")
+    if remove:
+        for name in leftovers:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 # Parts a model may have or lack beside the network itself: its router and REPA's projector.
 OPTIONAL_PARTS = ("router.", "projector.")
 
@@ -308,16 +337,9 @@ def load_training_state(path: Path, model, ema, optimizer) -> dict:
         tensors, _ = read_weights(path / f"{name}.safetensors")
         load_state_into(module, tensors, path / f"{name}.safetensors")
     optimizer_file = path / "optimizer.pt"
-    try:
+    with optimizer_state_errors(optimizer_file):
         optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(shard_optimizer_state_dict(optimizer, optimizer_state))
-    except pickle.UnpicklingError:
-        # torch's message suggests weights_only=False, i.e. running code from the file: never
-        raise CheckpointError(f"{optimizer_file} holds objects other than tensors and numbers; refusing to "
-                              "unpickle it (it was not written by dar, or was tampered with)") from None
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{optimizer_file} is missing, corrupt or does not fit: {reason}") from None
     rng, _ = read_weights(path / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():

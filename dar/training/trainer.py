@@ -29,7 +29,6 @@ import contextlib
 import copy
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from dar.files import atomic_write_text, directory_lock
 from dar.models.sit import build_model, count_parameters
 from dar.seeds import Stream, seeded_generator
 from dar.training.checkpoint import (
+    clear_earlier_records,
     latest_checkpoint,
     load_pretrained,
     load_training_state,
@@ -309,15 +309,8 @@ class Trainer:
         return state["step"]
 
     def _claim_fresh_run_dir(self, overwrite: bool) -> None:
-        leftovers = [name for name in ("metrics.jsonl", "config.json", "samples", "tensorboard")
-                     if (self.run_dir / name).exists()]
-        if leftovers and not overwrite:
-            raise ValueError(f"{self.run_dir} holds {', '.join(leftovers)} of an earlier run but no checkpoint to "
-                             "continue from; use another --run-dir, or --overwrite to replace them")
-        if self.env.is_main:
-            for name in leftovers:
-                path = self.run_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        clear_earlier_records(self.run_dir, ("metrics.jsonl", "config.json", "samples", "tensorboard"), overwrite,
+                              remove=self.env.is_main)
         self.env.barrier()
 
     def _check_same_data(self, saved: dict | None, checkpoint: Path, allow_change: bool) -> None:
