@@ -3,10 +3,10 @@
 
 Every run is a `dar distill` run directory under OUT/runs/, so rerunning the script continues where it
 stopped (a run interrupted before its first checkpoint starts again). `--summary` trains nothing and
-writes OUT/summary.json: per run the FD-FMNIST / class-accuracy series of its periodic evaluations (500
-samples, fixed noise and labels), the final values, whether any logged loss was not finite, and per
+writes OUT/summary.json, OUT/curves.png and OUT/samples.png: per run the FD-FMNIST / class-accuracy
+series of its periodic evaluations (500 samples, fixed noise and labels), the final values, whether any logged loss was not finite, and per
 (student, steps) the mean and std over seeds; plus the teacher evaluated with the same evaluation at
-Euler 10/25/50 steps (its record: file and weights hash).
+Euler 10/25/50 steps without and with the real score's guidance (its record: file and weights hash).
 
 Run from the repository root, after the main study's residual seed-0 run exists (the default teacher):
 
@@ -69,7 +69,9 @@ def diverged(run: Path) -> bool:
 
 
 def teacher_quality(teacher: Path) -> dict:
-    """The teacher at Euler 10/25/50 steps (no guidance), with the evaluation the runs use."""
+    """The teacher at Euler 10/25/50 steps, without guidance and with the real score's guidance (the
+    distillation's default cfg_scale, what the generators are trained to match), evaluated as the runs are."""
+    from dar.distillation.config import DistillConfig
     from dar.diffusion.samplers import SamplerConfig
     from dar.training.checkpoint import load_model, weights_file
     from dar.training.monitors import PeriodicEval
@@ -80,10 +82,11 @@ def teacher_quality(teacher: Path) -> dict:
     env = Distributed("cpu")
     try:
         rows = {}
-        for steps in TEACHER_ODE_STEPS:
-            evaluated = replace(config, sampler=SamplerConfig(method="euler", steps=steps),
-                                train=replace(config.train, eval_samples=500, seed=0))
-            rows[f"euler-{steps}"] = PeriodicEval(evaluated, env)(model)
+        for cfg in sorted({1.0, DistillConfig().cfg_scale}):
+            for steps in TEACHER_ODE_STEPS:
+                evaluated = replace(config, sampler=SamplerConfig(method="euler", steps=steps, cfg_scale=cfg),
+                                    train=replace(config.train, eval_samples=500, seed=0))
+                rows[f"euler-{steps}" + ("" if cfg == 1.0 else f"-cfg{cfg:g}")] = PeriodicEval(evaluated, env)(model)
     finally:
         env.close()
     file = weights_file(teacher)
@@ -113,6 +116,57 @@ def summarize(teacher: Path, out: Path, seeds: list[int]) -> dict:
     return summary
 
 
+def figures(summary: dict, teacher: Path, out: Path, seeds: list[int]) -> list[Path]:
+    """OUT/curves.png: FD and class accuracy against distillation step, per seed (thin) and mean (thick),
+    the teacher's Euler 10-step values as dashed lines; OUT/samples.png: the last EMA grid of every
+    (student, steps) at the first seed beside the teacher's last training grid (same class rows)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    kinds = list(dict.fromkeys(name.rsplit("-seed", 1)[0] for name in runs(seeds)))
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    colours = colormaps["tab10"]
+    teacher_rows = summary["teacher"]["evaluations"]
+    for ax, (key, label) in zip(figure.subplots(1, 2), (("fd", "FD-FMNIST"), ("class_acc", "class accuracy"))):
+        for i, kind in enumerate(kinds):
+            curves = [summary["runs"][f"{kind}-seed{seed}"] for seed in seeds if f"{kind}-seed{seed}" in summary["runs"]]
+            for curve in curves:
+                ax.plot(curve["steps"], curve[key], color=colours(i), alpha=0.3, linewidth=0.8)
+            common = [c for c in curves if c["steps"] == curves[0]["steps"]] if curves else []
+            if common:
+                ax.plot(common[0]["steps"], np.mean([c[key] for c in common], 0), color=colours(i), linewidth=1.8,
+                        label=f"{kind} (n={len(common)})")
+        metric = "eval/fd_fmnist" if key == "fd" else "eval/class_acc"
+        for j, (row, style) in enumerate((("euler-10", ":"), ("euler-10-cfg1.5", "--"))):
+            if row in teacher_rows:
+                ax.axhline(teacher_rows[row][metric], color="black", linestyle=style, linewidth=1,
+                           label=f"teacher, {row} (NFE {teacher_rows[row]['eval/nfe']})")
+        ax.set_xlabel("distillation step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize=7)
+    written = [out / "curves.png"]
+    figure.savefig(written[0], dpi=110)
+
+    panels = [("teacher (Euler 10, no guidance)", sorted((teacher / "samples").glob("step_*.png")))]
+    panels += [(f"{kind} (seed {seeds[0]})", sorted((out / "runs" / f"{kind}-seed{seeds[0]}" / "samples").glob("step_*.png")))
+               for kind in kinds]
+    panels = [(title, files[-1]) for title, files in panels if files]
+    if panels:
+        figure = Figure(figsize=(3.2 * len(panels), 3.6), layout="constrained")
+        FigureCanvasAgg(figure)
+        for ax, (title, file) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+            ax.imshow(imread(file), cmap="gray")
+            ax.set_title(f"{title}\n{file.stem}", fontsize=8)
+            ax.axis("off")
+        written.append(out / "samples.png")
+        figure.savefig(written[-1], dpi=110)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="runs/experiments/fmnist-study/runs/9681b8b91340",
@@ -128,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"teacher {teacher} does not exist: train it first (docs/RESULTS.md has the main study's "
                      "command) or give --teacher")
     if args.summary:
-        table = summarize(teacher, out, seeds)["table"]
-        print(json.dumps(table, indent=2))
+        summary = summarize(teacher, out, seeds)
+        print(json.dumps(summary["table"], indent=2))
+        for path in figures(summary, teacher, out, seeds):
+            print(f"wrote {path}")
     else:
         train_all(teacher, out, seeds, progress=not args.no_progress)
     return 0
