@@ -37,6 +37,11 @@ class DistillConfig:
     ema_decay: EMA of the generator, one update per generator update; 0 keeps no average (EMA = weights).
     warmup_steps: linear learning-rate warm-up of both optimisers (0: constant from the first step).
     teacher_weights: which weights of the teacher checkpoint are the teacher: ema (default) | model.
+    lora_rank: 0 trains the generator in full; r > 0 trains rank-r LoRA adapters of its blocks' linear
+        layers instead (their base weights frozen, the rest, a DAR router included, in full; see
+        :mod:`dar.distillation.lora`). fake_lora_rank: the same for the fake score.
+    lora_alpha: the LoRA scaling is alpha / rank, for both models; 0 (the default) means alpha = rank,
+        i.e. scaling 1, whatever the rank.
     """
 
     steps: int = 2000
@@ -56,6 +61,9 @@ class DistillConfig:
     ema_decay: float = 0.99
     ema_warmup: bool = True
     teacher_weights: str = "ema"
+    lora_rank: int = 0
+    fake_lora_rank: int = 0
+    lora_alpha: float = 0.0
     log_every: int = 50
     ckpt_every: int = 500
     sample_every: int = 500
@@ -67,10 +75,12 @@ class DistillConfig:
         for name in ("steps", "generator_steps", "update_ratio", "global_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "ckpt_every", "sample_every", "eval_every", "eval_samples", "keep_checkpoints"):
+        for name in ("warmup_steps", "ckpt_every", "sample_every", "eval_every", "eval_samples", "keep_checkpoints",
+                     "lora_rank", "fake_lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("cfg_scale", "student_lr", "fake_lr", "weight_decay", "grad_clip", "t_min", "t_max", "ema_decay"):
+        for name in ("cfg_scale", "student_lr", "fake_lr", "weight_decay", "grad_clip", "t_min", "t_max", "ema_decay",
+                     "lora_alpha"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"distill.{name} must be a finite number, got {getattr(self, name)}")
         for name in ("student_lr", "fake_lr"):
@@ -88,8 +98,17 @@ class DistillConfig:
             raise ValueError(f"distill.ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
         if not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"distill.betas must both lie in [0, 1), got {self.betas}")
+        if self.lora_alpha < 0:
+            raise ValueError(f"distill.lora_alpha must be >= 0 (0: alpha = rank), got {self.lora_alpha}")
+        if self.lora_alpha and not (self.lora_rank or self.fake_lora_rank):
+            raise ValueError(f"distill.lora_alpha={self.lora_alpha} has no effect without LoRA: set distill.lora_rank "
+                             "and/or distill.fake_lora_rank > 0, or leave lora_alpha out")
         if self.teacher_weights not in WEIGHTS:
             raise ValueError(f"distill.teacher_weights={self.teacher_weights!r} is not one of {', '.join(WEIGHTS)}")
+
+    def lora_alpha_for(self, rank: int) -> float:
+        """The LoRA alpha of adapters of rank ``rank``: ``lora_alpha``, or ``rank`` when it is 0."""
+        return self.lora_alpha or float(rank)
 
     @property
     def generator_update_steps(self) -> int:

@@ -21,6 +21,12 @@ A run directory is laid out as `dar train`'s: ``config.json`` (:class:`DistillRu
 (the fake score, with the teacher's RunConfig), ``optimizer.pt`` (both AdamW states) and ``state.json``.
 A resumed run continues bit for bit; the teacher is the weights file recorded at the start, checked by
 its SHA-256.
+
+With LoRA (``distill.lora_rank``, ``distill.fake_lora_rank``; :mod:`dar.distillation.lora`) a model
+trains adapters on frozen base weights, the teacher's. Its weights file then holds the merged model (a
+plain SiT: every reader is unchanged) and ``lora.safetensors`` / ``fake_lora.safetensors`` what was
+trained; a resume rebuilds the base from the teacher file and loads those. The EMA is always a plain
+SiT, averaged from the merged generator.
 """
 
 from __future__ import annotations
@@ -34,17 +40,20 @@ import types
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from dar.diffusion.samplers import SamplerConfig
 from dar.diffusion.transport import Transport
 from dar.distillation.config import RESUMABLE_CHANGES, DistillRunConfig, resolve_distill
 from dar.distillation.dmd import distribution_matching, fake_score_loss, generator_output
+from dar.distillation.lora import add_lora, load_trainable_state, merged_state_dict, trainable_state_dict
 from dar.errors import CheckpointError, TrainingDiverged
 from dar.files import atomic_write_text, directory_lock
 from dar.models.sit import build_model, count_parameters
 from dar.provenance import weights_sha256
 from dar.seeds import Stream, seeded_generator
 from dar.training.checkpoint import (
+    FORMAT,
     clear_earlier_records,
     optimizer_state_errors,
     latest_checkpoint,
@@ -61,9 +70,11 @@ from dar.training.checkpoint import (
 from dar.training.config import RunConfig
 from dar.training.monitors import PeriodicEval, SampleGrid
 from dar.training.runtime import Distributed
-from dar.training.trainer import MetricsLog, ProgressReport, config_differences, update_ema
+from dar.training.trainer import MetricsLog, ProgressReport, config_differences
 
 RUN_RECORDS = ("metrics.jsonl", "config.json", "generator_config.json", "samples", "tensorboard")
+# the checkpoint file of each trained model's adapters, when it is trained with LoRA
+ADAPTER_FILES = {"model": "lora.safetensors", "fake": "fake_lora.safetensors"}
 
 
 def distill(teacher: str | Path | None, run_dir: str | Path, overrides=(), device: str | None = None,
@@ -139,7 +150,8 @@ class Distiller:
                 raise CheckpointError(f"{latest}/state.json: field distill is not a valid config: {error}") from None
             self.config = resolve_distill(stored.teacher if teacher is None else str(teacher),
                                           stored.student.routing, overrides, stored=stored)
-            changed = [k for k in config_differences(self.state["distill"], self.config.to_dict())
+            # the stored config as parsed, so that fields added since the run started compare at their defaults
+            changed = [k for k in config_differences(stored.to_dict(), self.config.to_dict())
                        if k not in RESUMABLE_CHANGES]
             if changed:
                 raise ValueError(f"{run_dir} was started with a different config ({', '.join(changed)}); use a new "
@@ -162,14 +174,30 @@ class Distiller:
         self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
         # the student starts as the teacher (a converted DAR student: routers at their init), as train.init_from
         self.init_record = load_pretrained(self.teacher_record["file"], self.student, self.ema, self.generator_config)
+        # adapters on the teacher's weights (after the seed: their random init is the run's, fresh or resumed)
+        for model, rank in ((self.student, d.lora_rank), (self.fake, d.fake_lora_rank)):
+            if rank:
+                add_lora(model, rank, d.lora_alpha_for(rank))
         self.student.train()
-        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=d.student_lr, betas=d.betas,
-                                             weight_decay=d.weight_decay)
-        self.opt_fake = torch.optim.AdamW(self.fake.parameters(), lr=d.fake_lr, betas=d.betas,
-                                          weight_decay=d.weight_decay)
+        self.opt_student = self._adamw(self.student, d.student_lr, d.lora_rank)
+        self.opt_fake = self._adamw(self.fake, d.fake_lr, d.fake_lora_rank)
         self.generator_updates = 0
 
     # -- set-up -----------------------------------------------------------------------------------
+
+    def _adamw(self, model: torch.nn.Module, lr: float, lora_rank: int) -> torch.optim.AdamW:
+        """A LoRA model's optimizer holds its trainable parameters only. A fully trained model's holds all of
+        them, as it always has: the fixed pos_embed never has a gradient (AdamW skips it), and keeping its
+        place keeps the layout of earlier runs' optimizer.pt."""
+        d = self.config.distill
+        params = [p for p in model.parameters() if p.requires_grad] if lora_rank else model.parameters()
+        return torch.optim.AdamW(params, lr=lr, betas=d.betas, weight_decay=d.weight_decay)
+
+    def _trained(self) -> tuple[tuple[str, torch.nn.Module, RunConfig, int], ...]:
+        """The trained models: (checkpoint name, model, the RunConfig of its weights file, LoRA rank)."""
+        d = self.config.distill
+        return (("model", self.student, self.generator_config, d.lora_rank),
+                ("fake", self.fake, self.teacher_config, d.fake_lora_rank))
 
     def _recorded_teacher(self, given: str | Path | None):
         """On resume: the teacher file of the first checkpoint, unchanged (SHA-256), and if ``given``,
@@ -210,9 +238,13 @@ class Distiller:
             clear_earlier_records(self.run_dir, RUN_RECORDS, self.overwrite)
             return 0
         path = self.latest
-        for name, module in (("model", self.student), ("ema", self.ema), ("fake", self.fake)):
-            tensors, _ = read_weights(path / f"{name}.safetensors")
-            load_state_into(module, tensors, path / f"{name}.safetensors")
+        for name, module, _, rank in self._trained():
+            # a LoRA model's base weights are the teacher's, loaded at set-up; its weights file is derived
+            file = path / (ADAPTER_FILES[name] if rank else f"{name}.safetensors")
+            tensors, _ = read_weights(file)
+            (load_trainable_state if rank else load_state_into)(module, tensors, file)
+        tensors, _ = read_weights(path / "ema.safetensors")
+        load_state_into(self.ema, tensors, path / "ema.safetensors")
         file = path / "optimizer.pt"
         with optimizer_state_errors(file):
             states = torch.load(file, map_location="cpu", weights_only=True)
@@ -325,7 +357,7 @@ class Distiller:
             self.opt_student.step()
             decay = min(d.ema_decay, (1 + self.generator_updates) / (10 + self.generator_updates)) if d.ema_warmup \
                 else d.ema_decay
-            update_ema(self.ema, self.student, decay)
+            _update_ema(self.ema, _plain_weights(self.student, d.lora_rank), decay)
             self.generator_updates += 1
             record.update(generator_loss=loss.item(), dm_grad_norm=grad.norm().item())
         fake_loss = fake_score_loss(self.fake, x, inputs["y"], self.transport, inputs["fake_noise"], inputs["fake_t"])
@@ -363,33 +395,64 @@ class Distiller:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _save(self, step: int) -> Path:
-        """checkpoints/step_N/: generator, its EMA, the fake score, both optimizers, all or nothing."""
-        weights = sum(t.numel() * t.element_size() for t in self.student.state_dict().values())
-        fake = sum(t.numel() * t.element_size() for t in self.fake.state_dict().values())
+        """checkpoints/step_N/: generator, its EMA, the fake score (merged, when trained with LoRA, plus
+        their adapters), both optimizers, all or nothing."""
+        weights = {"ema.safetensors": (self.ema.state_dict(), self.generator_config)}  # file -> (SiT state, config)
+        adapters = {}  # file -> trained state of a LoRA model
+        for name, module, config, rank in self._trained():
+            weights[f"{name}.safetensors"] = (_plain_weights(module, rank), config)
+            if rank:
+                adapters[ADAPTER_FILES[name]] = trainable_state_dict(module)
+        # the files, plus AdamW's two moments of every trained parameter
+        trained = sum(p.numel() * p.element_size() for _, module, _, _ in self._trained()
+                      for p in module.parameters() if p.requires_grad)
+        size = sum(_nbytes(t) for t, _ in weights.values()) + sum(map(_nbytes, adapters.values())) + 2 * trained
 
         def write(tmp: Path) -> dict:
-            save_weights(self.student, tmp / "model.safetensors", self.generator_config, step)
-            save_weights(self.ema, tmp / "ema.safetensors", self.generator_config, step)
-            save_weights(self.fake, tmp / "fake.safetensors", self.teacher_config, step)
+            for file, (tensors, config) in weights.items():
+                save_weights(tensors, tmp / file, config, step)
+            for file, tensors in adapters.items():  # no run config: not a model that dar sample could load
+                save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / file),
+                          metadata={"format": FORMAT, "step": str(step)})
             torch.save({"generator": self.opt_student.state_dict(), "fake": self.opt_fake.state_dict()},
                        tmp / "optimizer.pt")
             return {"kind": "distill", "generator_updates": self.generator_updates,
                     "config": self.generator_config.to_dict(), "distill": self.config.to_dict(),
                     "teacher": self.teacher_record, "init_from": self.init_record}
 
-        return write_checkpoint_dir(self.run_dir, step, write, 4 * weights + 3 * fake,
-                                    self.config.distill.keep_checkpoints)
+        return write_checkpoint_dir(self.run_dir, step, write, size, self.config.distill.keep_checkpoints)
 
     def _announce(self, step: int) -> None:
         d, m = self.config.distill, self.generator_config.model
-        params = count_parameters(self.student)
+        params = count_parameters(self.ema)  # the generator as saved: a plain SiT
         kind = "one-step" if d.generator_steps == 1 else f"{d.generator_steps}-step"
+        lora = "".join(f"; {what} trained with LoRA rank {rank}, alpha {d.lora_alpha_for(rank):g} "
+                       f"({count_parameters(model)['trainable']:,} trainable parameters)"
+                       for what, model, rank in (("generator", self.student, d.lora_rank),
+                                                 ("fake score", self.fake, d.fake_lora_rank)) if rank)
         print(f"[dar] distilling {self.teacher_record['file']} ({self.teacher_config.model.routing.describe}, step "
               f"{self.teacher_record['step']}) into a {kind} {m.arch} {m.routing.describe} generator "
-              f"({params['total']:,} parameters); cfg {d.cfg_scale}, generator updated every {d.update_ratio} steps; "
+              f"({params['total']:,} parameters){lora}; "
+              f"cfg {d.cfg_scale}, generator updated every {d.update_ratio} steps; "
               f"{'resuming at' if step else 'starting from'} step {step} of {d.steps} on {self.env.device}; "
               f"checkpoints {f'every {d.ckpt_every} steps and ' if d.ckpt_every else ''}at the end in "
               f"{self.run_dir / 'checkpoints'}", flush=True)
+
+
+def _plain_weights(model: torch.nn.Module, lora_rank: int) -> dict[str, torch.Tensor]:
+    """The model's weights as a plain SiT's state dict: with LoRA, the adapters merged in."""
+    return merged_state_dict(model) if lora_rank else model.state_dict()
+
+
+def _update_ema(ema: torch.nn.Module, weights: dict[str, torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, parameter by parameter (the same lerp as
+    :func:`dar.training.trainer.update_ema`, from a plain state dict such as the merged generator's)."""
+    params = dict(ema.named_parameters())
+    torch._foreach_lerp_(list(params.values()), [weights[name] for name in params], 1.0 - decay)
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _clip(model: torch.nn.Module, max_norm: float) -> float:
