@@ -9,7 +9,8 @@ import pytest
 from dar.cli import main
 from dar.study.bench import run_bench
 
-MODES = {"denseformer": "denseformer-b2", "hyper": "hyper-n4-dynamic", "attnres": "attnres-b2"}
+MODES = {"denseformer": "denseformer-b2", "hyper": "hyper-n4-dynamic", "mhc": "mhc-n4-dynamic",
+         "attnres": "attnres-b2"}
 TINY = ["model.arch=SiT-Pico/8", "train.steps=2", "train.global_batch=4", "train.sample_every=0",
         "train.log_every=1", "sampler.method=euler", "sampler.steps=2"]
 
@@ -30,11 +31,11 @@ def test_router_trains_diagnoses_and_reports(mode, tmp_path, capsys):
 
 
 def test_bench_measures_the_routers_beside_the_residual():
-    report = run_bench("cpu", ["denseformer", "hyper-n4", "attnres"], "cpu", "fp32",
+    report = run_bench("cpu", ["denseformer", "hyper-n4", "mhc-n4", "attnres"], "cpu", "fp32",
                        repeats=1, warmup=0, sample_steps=1, compile_models=False, batch=2, sample_batch=2)
     results = report["results"]
-    assert list(results) == ["residual", "denseformer", "hyper-n4", "attnres"]
-    for name in ("denseformer", "hyper-n4", "attnres"):
+    assert list(results) == ["residual", "denseformer", "hyper-n4", "mhc-n4", "attnres"]
+    for name in ("denseformer", "hyper-n4", "mhc-n4", "attnres"):
         assert results[name]["parameters"] > results["residual"]["parameters"]
         assert results[name]["train_step_ratio"] > 0
 

@@ -61,6 +61,8 @@ def build_router(dim: int, num_layers: int, config: RoutingConfig):
         from dar.routing.comparison.denseformer import DenseFormerRouter as router
     elif config.mode == "hyper":
         from dar.routing.comparison.hyper_connections import HyperConnectionsRouter as router
+    elif config.mode == "mhc":
+        from dar.routing.comparison.mhc import ManifoldConstrainedHCRouter as router
     else:
         from dar.routing.comparison.attnres import BlockAttnResRouter as router
     return router(dim, num_layers, config)

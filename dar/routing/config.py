@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-ROUTING_MODES = ("residual", "dar", "denseformer", "hyper", "attnres")
-"""``residual`` and ``dar`` are this project's subject; the other three are the cross-layer routers DAR is
-compared with (:mod:`dar.routing.comparison`): DenseFormer's depth-weighted averaging, Hyper-Connections
-and Block Attention Residuals."""
+ROUTING_MODES = ("residual", "dar", "denseformer", "hyper", "mhc", "attnres")
+"""``residual`` and ``dar`` are this project's subject; the other four are the cross-layer routers DAR is
+compared with (:mod:`dar.routing.comparison`): DenseFormer's depth-weighted averaging, Hyper-Connections,
+Manifold-Constrained Hyper-Connections and Block Attention Residuals."""
 QUERY_KINDS = ("static", "static_t", "dynamic")
 TIME_QUERY_KINDS = ("shared", "per_layer")
 FINAL_AGGREGATORS = ("dedicated", "reuse_last")
@@ -25,7 +25,8 @@ class RoutingConfig:
     """How sublayer inputs are formed.
 
     mode: ``residual`` is the plain SiT stream ``h <- h + v`` (bit for bit); ``dar`` routes; ``denseformer``,
-        ``hyper`` and ``attnres`` are the comparison routers (their options below apply to them only).
+        ``hyper``, ``mhc`` and ``attnres`` are the comparison routers (their options below apply to them
+        only).
     query: ``static`` | ``static_t`` | ``dynamic`` (docs/METHOD.md §3).
     chunk_size: S of the chunked history (docs/METHOD.md §4); 1 = dense full history, 4 = the paper's
         "c4" (default). At most the number of routed sublayers.
@@ -42,8 +43,8 @@ class RoutingConfig:
         (a block's partial sum becomes one source); 2 = one SiT block (attention + MLP).
     dilation, period: ``denseformer``'s sparsity: average over every ``dilation``-th earlier block output,
         after every ``period``-th block (1, 1 = dense, every block).
-    expansion: ``hyper``'s number of parallel residual streams n (4 in its paper).
-    dynamic: ``hyper``'s input-dependent connection weights on top of the static ones.
+    expansion: ``hyper``'s and ``mhc``'s number of parallel residual streams n (4 in both papers).
+    dynamic: ``hyper``'s and ``mhc``'s input-dependent connection weights on top of the static ones.
     """
 
     mode: str = "dar"
@@ -95,8 +96,8 @@ class RoutingConfig:
             return f"dar-{self.query}-c{self.chunk_size}" + ("-sum" if self.summary == "sum" else "")
         if self.mode == "denseformer":
             return f"denseformer-b{self.block_size}" + (f"-d{self.dilation}p{self.period}" if self.dilation * self.period > 1 else "")
-        if self.mode == "hyper":
-            return f"hyper-n{self.expansion}-{'dynamic' if self.dynamic else 'static'}"
+        if self.mode in ("hyper", "mhc"):
+            return f"{self.mode}-n{self.expansion}-{'dynamic' if self.dynamic else 'static'}"
         return f"attnres-b{self.block_size}"
 
 

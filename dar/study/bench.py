@@ -35,6 +35,7 @@ VARIANTS = {
     # the comparison routers (not in the default set)
     "denseformer": RoutingConfig(mode="denseformer"),
     "hyper-n4": RoutingConfig(mode="hyper", expansion=4),
+    "mhc-n4": RoutingConfig(mode="mhc", expansion=4),
     "attnres": RoutingConfig(mode="attnres"),
 }
 DEFAULT_VARIANTS = tuple(name for name, routing in VARIANTS.items() if routing.mode in ("residual", "dar"))

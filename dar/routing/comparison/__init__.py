@@ -4,6 +4,8 @@ transformer written against ``begin`` / ``next_input`` / ``push`` / ``final_inpu
 * :mod:`~dar.routing.comparison.denseformer`: DenseFormer's depth-weighted averaging (Pagliardini et al.
   2024);
 * :mod:`~dar.routing.comparison.hyper_connections`: Hyper-Connections (Zhu et al. 2025);
+* :mod:`~dar.routing.comparison.mhc`: Manifold-Constrained Hyper-Connections (Xie et al. 2025), on
+  Hyper-Connections' streams;
 * :mod:`~dar.routing.comparison.attnres`: Block Attention Residuals (Kimi team 2025).
 
 Every router is an ``nn.Module`` with ``config``, ``num_layers``, ``reset_parameters()`` (its paper's

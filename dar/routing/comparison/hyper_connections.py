@@ -66,7 +66,9 @@ Recorded weights (``record_weights=True``): per layer the full connection matrix
 [B, T, n+1, n+1]: row 0 = (0, B), rows 1..n = (A_m, A_r); rows are "from" (the layer output, then the
 streams), columns "to" (the layer input, then the streams). The final sum has no weights.
 
-Not implemented: manifold-constrained HC (mHC, Sinkhorn-projected A_r) and the frac-connections variant.
+The stream bookkeeping (:class:`HyperConnectionsStream`) serves any router that gives per-layer weights
+in this layout; manifold-constrained HC (:mod:`~dar.routing.comparison.mhc`) uses it with its own
+constrained weights. Not implemented: the frac-connections variant.
 """
 
 from __future__ import annotations
@@ -163,12 +165,17 @@ class HyperConnectionsRouter(ComparisonRouter):
 
 class HyperConnectionsStream:
     """One forward pass: the hyper hidden matrix ``H`` [n, B, T, D] and, between ``next_input()`` and
-    ``push()``, the current layer's mixed streams and depth weights."""
+    ``push()``, the current layer's mixed streams and depth weights.
 
-    def __init__(self, router: HyperConnectionsRouter, v0: torch.Tensor, record_weights: bool):
+    ``router`` is any module with ``expansion`` (n), ``num_layers`` and ``connection_weights(layer, H)``
+    returning ``alpha`` [n, n+1, B, T] and ``beta`` [n, B, T] (or with B, T = 1, 1) as
+    :meth:`HyperConnectionsRouter.connection_weights` does: Hyper-Connections, and mHC with its
+    constrained weights (:mod:`~dar.routing.comparison.mhc`)."""
+
+    def __init__(self, router: nn.Module, v0: torch.Tensor, record_weights: bool):
         self.router = router
         self.device_type = v0.device.type
-        self.dtype = torch.promote_types(stat_dtype(v0.dtype), router.static_alpha.dtype)
+        self.dtype = torch.promote_types(stat_dtype(v0.dtype), next(router.parameters()).dtype)
         n = router.expansion
         self.streams = v0.to(self.dtype).unsqueeze(0).expand(n, *v0.shape)  # H^0: n copies (a view)
         self.layer = 1
