@@ -167,7 +167,8 @@ def test_the_routers_study_reuses_the_main_studys_runs():
     main = run_dirs(load_experiment(configs / "fmnist_study.toml"), Path("out"))
     for variant in ("residual", "static_t", "dynamic"):
         assert routers["routers", variant, 2] == main["main", variant, 2]
-    assert len(set(routers.values()) - set(main.values())) == 9  # 3 routers x 3 seeds are new
+    assert routers["routers-mhc", "residual", 1] == main["main", "residual", 1]
+    assert len(set(routers.values()) - set(main.values())) == 12  # 4 routers x 3 seeds are new
 
 
 LONGER = STUDY.replace('''[[group]]
