@@ -3,7 +3,7 @@
 
 Every run is a `dar distill` run directory under OUT/runs/, so rerunning the script continues where it
 stopped (a run interrupted before its first checkpoint starts again). `--summary` trains nothing and
-writes OUT/summary.json, OUT/curves.png and OUT/samples.png: per run the FD-FMNIST / class-accuracy
+writes OUT/summary.json, OUT/curves.png, OUT/losses.png and OUT/samples.png: per run the FD-FMNIST / class-accuracy
 series of its periodic evaluations (500 samples, fixed noise and labels), the final values, whether any logged loss was not finite, and per
 (student, steps) the mean and std over seeds; plus the teacher evaluated with the same evaluation at
 Euler 10/25/50 steps without and with the real score's guidance (its record: file and weights hash).
@@ -118,7 +118,8 @@ def summarize(teacher: Path, out: Path, seeds: list[int]) -> dict:
 
 def figures(summary: dict, teacher: Path, out: Path, seeds: list[int]) -> list[Path]:
     """OUT/curves.png: FD and class accuracy against distillation step, per seed (thin) and mean (thick),
-    the teacher's Euler 10-step values as dashed lines; OUT/samples.png: the last EMA grid of every
+    the teacher's Euler 10-step values as dashed lines; OUT/losses.png: every run's logged losses;
+    OUT/samples.png: the last EMA grid of every
     (student, steps) at the first seed beside the teacher's last training grid (same class rows)."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -150,6 +151,25 @@ def figures(summary: dict, teacher: Path, out: Path, seeds: list[int]) -> list[P
     figure.axes[0].legend(fontsize=7)
     written = [out / "curves.png"]
     figure.savefig(written[0], dpi=110)
+
+    # stability: every run's logged losses (the fake score's denoising loss, the generator's DM loss)
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    for ax, (key, label) in zip(figure.subplots(1, 2), (("fake_loss", "fake-score loss"),
+                                                         ("generator_loss", "generator (DM) loss"))):
+        for i, kind in enumerate(kinds):
+            for j, seed in enumerate(seeds):
+                run = out / "runs" / f"{kind}-seed{seed}"
+                if (run / "metrics.jsonl").exists():
+                    steps, values = series(run, key)
+                    ax.plot(steps, values, color=colours(i), alpha=0.8, linewidth=0.8,
+                            label=kind if j == 0 else None)
+        ax.set_xlabel("distillation step")
+        ax.set_title(f"{label}, every run", fontsize=10)
+        ax.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize=7)
+    written.append(out / "losses.png")
+    figure.savefig(written[-1], dpi=110)
 
     panels = [("teacher (Euler 10, no guidance)", sorted((teacher / "samples").glob("step_*.png")))]
     panels += [(f"{kind} (seed {seeds[0]})", sorted((out / "runs" / f"{kind}-seed{seeds[0]}" / "samples").glob("step_*.png")))
