@@ -16,32 +16,12 @@ from dar.distillation import distill
 from dar.distillation.dmd import distribution_matching, dm_gradient, dm_loss, fake_score_loss, generator_output
 from dar.errors import CheckpointError, TrainingDiverged
 from dar.training.checkpoint import latest_checkpoint, load_model
-from dar.training.config import resolve
-from dar.training.trainer import train
 from tolerances import assert_close_scaled
 
 TINY = ["distill.global_batch=4", "distill.log_every=1", "distill.sample_every=0", "distill.ckpt_every=0",
         "distill.keep_checkpoints=0"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: a second thread only adds synchronisation (and on a busy 2-core machine,
-    waiting for a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A residual SiT-Pico/8 trained for a few steps on the built-in data (label dropout on: CFG works)."""
-    run_dir = tmp_path_factory.mktemp("teacher")
-    config = resolve("fmnist-residual", ["model.arch=SiT-Pico/8", "train.global_batch=8", "train.steps=6",
-                                          "train.sample_every=0", "train.lr=1e-3"])
-    train(config, run_dir, progress=False)
-    return run_dir
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits
 
 
 def weights(run_dir, which="model"):

@@ -17,9 +17,7 @@ from dar.errors import CheckpointError
 from dar.models.sit import ModelConfig, build_model
 from dar.routing import RoutingConfig
 from dar.training.checkpoint import latest_checkpoint, load_model
-from dar.training.config import resolve
 from dar.training.runtime import Distributed
-from dar.training.trainer import train
 from tolerances import assert_close_scaled
 
 TINY = ["distill.global_batch=4", "distill.log_every=1", "distill.sample_every=0", "distill.ckpt_every=0",
@@ -28,22 +26,7 @@ DAR_STUDENT = ["student.routing.mode=dar", "student.routing.query=static_t", "st
                "student.routing.summary=sum"]
 ADAPTED = (".attn.qkv.", ".attn.proj.", ".mlp.fc1.", ".mlp.fc2.", ".adaLN_modulation.1.")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A residual SiT-Pico/8 trained for a few steps on the built-in data (label dropout on: CFG works)."""
-    run_dir = tmp_path_factory.mktemp("teacher")
-    train(resolve("fmnist-residual", ["model.arch=SiT-Pico/8", "train.global_batch=8", "train.steps=6",
-                                      "train.sample_every=0", "train.lr=1e-3"]), run_dir, progress=False)
-    return run_dir
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits
 
 
 def weights(run_dir, which):
