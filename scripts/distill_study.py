@@ -3,7 +3,7 @@
 
 Every run is a `dar distill` run directory under OUT/runs/, so rerunning the script continues where it
 stopped (a run interrupted before its first checkpoint starts again). `--summary` trains nothing and
-writes OUT/summary.json, OUT/curves.png, OUT/losses.png and OUT/samples.png: per run the FD-FMNIST / class-accuracy
+writes OUT/summary.json, OUT/curves.png, OUT/losses.png and OUT/samples.png: per run the FD-FMNIST / class-accuracy / recall
 series of its periodic evaluations (500 samples, fixed noise and labels), the final values, whether any logged loss was not finite, and per
 (student, steps) the mean and std over seeds; plus the teacher evaluated with the same evaluation at
 Euler 10/25/50 steps without and with the real score's guidance (its record: file and weights hash).
@@ -103,13 +103,16 @@ def summarize(teacher: Path, out: Path, seeds: list[int]) -> dict:
             continue
         steps, fd = series(run, "eval/fd_fmnist")
         _, accuracy = series(run, "eval/class_acc")
-        per_run[name] = {"steps": steps, "fd": fd, "class_acc": accuracy, "diverged": diverged(run),
-                         "final_fd": fd[-1] if fd else None, "final_class_acc": accuracy[-1] if accuracy else None}
+        _, recall = series(run, "eval/recall")
+        per_run[name] = {"steps": steps, "fd": fd, "class_acc": accuracy, "recall": recall, "diverged": diverged(run),
+                         "final_fd": fd[-1] if fd else None, "final_class_acc": accuracy[-1] if accuracy else None,
+                         "final_recall": recall[-1] if recall else None}
         if fd:
-            groups.setdefault(name.rsplit("-seed", 1)[0], []).append((fd[-1], accuracy[-1]))
-    table = {key: {"seeds": len(v), "fd_mean": float(np.mean([f for f, _ in v])),
-                   "fd_std": float(np.std([f for f, _ in v], ddof=1)) if len(v) > 1 else None,
-                   "class_acc_mean": float(np.mean([a for _, a in v]))} for key, v in groups.items()}
+            groups.setdefault(name.rsplit("-seed", 1)[0], []).append((fd[-1], accuracy[-1], recall[-1]))
+    table = {key: {"seeds": len(v), "fd_mean": float(np.mean([f for f, _, _ in v])),
+                   "fd_std": float(np.std([f for f, _, _ in v], ddof=1)) if len(v) > 1 else None,
+                   "class_acc_mean": float(np.mean([a for _, a, _ in v])),
+                   "recall_mean": float(np.mean([r for _, _, r in v]))} for key, v in groups.items()}
     summary = {"command": sys.argv, "teacher": teacher_quality(teacher), "common_overrides": COMMON,
                "students": STUDENTS, "runs": per_run, "table": table, "versions": package_versions()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
