@@ -296,16 +296,18 @@ def test_sit_xl2_parameter_count():
 # 4. gradients
 
 
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_gradients_reach_every_router_parameter(dynamic):
-    _, model = perturbed_residual_and("hyper", f"model.routing.dynamic={str(dynamic).lower()}")
+@pytest.mark.parametrize("mode,dynamic,tensors", [("hyper", True, 7), ("hyper", False, 2), ("mhc", True, 7),
+                                                  ("mhc", False, 3)])
+def test_gradients_reach_every_router_parameter(mode, dynamic, tensors):
+    """Both members of the family (mhc computes Hyper-Connections' weights under constraints)."""
+    _, model = perturbed_residual_and(mode, f"model.routing.dynamic={str(dynamic).lower()}")
     with torch.no_grad():  # the zero-initialised projections too (else the gain and scales get no gradient)
         for name, p in model.router.named_parameters():
             p.add_(0.1 * torch.randn_like(p))
     x, t, y = torch.randn(2, 1, 32, 32), torch.rand(2), torch.tensor([1, 2])
     model(x, t, y).square().mean().backward()
     names = [name for name, _ in model.router.named_parameters()]
-    assert len(names) == (7 if dynamic else 2)
+    assert len(names) == tensors
     for name, p in model.router.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         # every layer's slice gets a gradient
@@ -339,12 +341,13 @@ def test_stream_protocol_errors():
 
 # 5. training, resume, info, sample
 
-TRAIN = ["model.arch=SiT-Pico/8", "model.routing.mode=hyper", "train.global_batch=4", "train.sample_every=0",
-         "train.log_every=1", "train.keep_checkpoints=0", "train.ckpt_every=0", "train.steps=4"]
+TRAIN = ["model.arch=SiT-Pico/8", "train.global_batch=4", "train.sample_every=0", "train.log_every=1",
+         "train.keep_checkpoints=0", "train.ckpt_every=0", "train.steps=4"]
 
 
-def test_training_resumes_exactly_and_the_cli_reads_it(tmp_path):
-    config = resolve("fmnist", TRAIN)
+@pytest.mark.parametrize("mode", ["hyper", "mhc"])
+def test_training_resumes_exactly_and_the_cli_reads_it(mode, tmp_path, capsys):
+    config = resolve("fmnist", [*TRAIN, f"model.routing.mode={mode}"])
     train(config, tmp_path / "straight", progress=False)
     train(config, tmp_path / "resumed", progress=False, stop_after=2)
     assert latest_checkpoint(tmp_path / "resumed").name == "step_0000002"
@@ -360,7 +363,9 @@ def test_training_resumes_exactly_and_the_cli_reads_it(tmp_path):
     init = build_model(config.model).router.state_dict()
     assert any(not torch.equal(a[f"router.{k}"], v) for k, v in init.items())
     run_dir = str(tmp_path / "straight")
-    assert main(["info", run_dir, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["info", run_dir]) == 0
+    assert config.model.routing.describe in capsys.readouterr().out
     png = str(tmp_path / "grid.png")
     assert main(["sample", run_dir, "--num", "4", "--grid", png, "sampler.method=euler", "sampler.steps=2"]) == 0
     assert (tmp_path / "grid.png").stat().st_size > 0
@@ -369,8 +374,9 @@ def test_training_resumes_exactly_and_the_cli_reads_it(tmp_path):
 # 6. bf16 autocast
 
 
-def test_bf16_autocast_is_close_to_fp32():
-    _, model = perturbed_residual_and("hyper")
+@pytest.mark.parametrize("mode", ["hyper", "mhc"])
+def test_bf16_autocast_is_close_to_fp32(mode):
+    _, model = perturbed_residual_and(mode)
     with torch.no_grad():  # off the initialisation, every parameter, keeping the streams O(1) over 24 layers
         for p in model.router.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -6,9 +6,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from dar.cli import main
 from dar.models.sit import build_model, count_parameters
 from dar.routing import RoutingConfig, build_router
 from dar.routing.comparison.mhc import (
@@ -18,9 +16,7 @@ from dar.routing.comparison.mhc import (
     parameter_count,
     sinkhorn_knopp,
 )
-from dar.training.checkpoint import latest_checkpoint
 from dar.training.config import resolve
-from dar.training.trainer import train
 from test_router_hyper import forward_recorded, perturbed_residual_and, pico, run_stream, sublayers
 from tolerances import assert_close_scaled
 
@@ -272,26 +268,7 @@ def test_sit_xl2_parameter_count():
         assert sum(p.numel() for p in router.parameters()) == want
 
 
-# 4. gradients
-
-
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_gradients_reach_every_router_parameter(dynamic):
-    _, model = perturbed_residual_and("mhc", f"model.routing.dynamic={str(dynamic).lower()}")
-    with torch.no_grad():  # off the initialisation (W = 0 gives the gates no gradient; identical
-        for p in model.router.parameters():  # streams give H_res none)
-            p.add_(0.1 * torch.randn_like(p))
-    x, t, y = torch.randn(2, 1, 32, 32), torch.rand(2), torch.tensor([1, 2])
-    model(x, t, y).square().mean().backward()
-    names = [name for name, _ in model.router.named_parameters()]
-    assert len(names) == (7 if dynamic else 3)
-    for name, p in model.router.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        per_layer = p.grad.reshape(p.shape[0], -1).abs().amax(1)
-        assert (per_layer > 0).all(), name
-
-
-# protocol and config
+# 4. protocol and config
 
 
 def test_stream_protocol_and_config_errors():
@@ -320,50 +297,4 @@ def test_stream_protocol_and_config_errors():
         resolve("fmnist", ["model.routing.mode=mhc", "model.routing.sinkhorn_iters=5"])
 
 
-# 5. training, resume, info, sample
-
-TRAIN = ["model.arch=SiT-Pico/8", "model.routing.mode=mhc", "train.global_batch=4", "train.sample_every=0",
-         "train.log_every=1", "train.keep_checkpoints=0", "train.ckpt_every=0", "train.steps=4"]
-
-
-def test_training_resumes_exactly_and_the_cli_reads_it(tmp_path, capsys):
-    config = resolve("fmnist", TRAIN)
-    train(config, tmp_path / "straight", progress=False)
-    train(config, tmp_path / "resumed", progress=False, stop_after=2)
-    assert latest_checkpoint(tmp_path / "resumed").name == "step_0000002"
-    train(config, tmp_path / "resumed", resume=True, progress=False)
-    for which in ("model", "ema"):
-        a = load_file(str(latest_checkpoint(tmp_path / "straight") / f"{which}.safetensors"))
-        b = load_file(str(latest_checkpoint(tmp_path / "resumed") / f"{which}.safetensors"))
-        assert a.keys() == b.keys()
-        assert any(k.startswith("router.") for k in a)
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-    init = build_model(config.model).router.state_dict()
-    assert any(not torch.equal(a[f"router.{k}"], v) for k, v in init.items())
-    run_dir = str(tmp_path / "straight")
-    capsys.readouterr()
-    assert main(["info", run_dir]) == 0
-    assert "mhc-n4-dynamic" in capsys.readouterr().out
-    png = str(tmp_path / "grid.png")
-    assert main(["sample", run_dir, "--num", "4", "--grid", png, "sampler.method=euler", "sampler.steps=2"]) == 0
-    assert (tmp_path / "grid.png").stat().st_size > 0
-
-
-# 6. bf16 autocast
-
-
-def test_bf16_autocast_is_close_to_fp32():
-    _, model = perturbed_residual_and("mhc")
-    with torch.no_grad():
-        for p in model.router.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    x, t, y = torch.randn(2, 1, 32, 32), torch.rand(2), torch.tensor([1, 2])
-    with torch.no_grad():
-        want, _ = forward_recorded(model, x, t, y)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            got, inputs = forward_recorded(model, x, t, y)
-    assert all(h.dtype == torch.float32 for h in inputs)  # the streams stay fp32, as SiT's residual stream
-    assert torch.isfinite(got).all()
-    rel = (got.float() - want).norm() / want.norm()
-    assert rel < 2e-2, rel
+# 5. gradients, training and exact resume, bf16: shared with `hyper` in tests/test_router_hyper.py
