@@ -31,6 +31,7 @@ class Stream(enum.IntEnum):
     DISTILL_DM = 41  # t and noise of the distribution-matching gradient
     DISTILL_FAKE = 42  # t and noise of the fake score's denoising loss
     DISTILL_MONITOR = 43  # index 0: the re-noising of multi-step sample grids and periodic evaluation
+    DISTILL_GAN = 44  # the GAN term's times and noises, then its real batch: indices (with replacement), flips, latents
 
 
 # Fixed noise of the training-time sample grids and periodic evaluation: seed + offset, as every

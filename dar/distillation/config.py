@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = {"distill.steps", "distill.log_every", "distill.ckpt_every",
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """DMD2 (Yin et al., 2024) without its GAN term; docs/DISTILLATION.md explains every field.
+    """DMD2 (Yin et al., 2024); docs/DISTILLATION.md explains every field.
 
     generator_steps: 1 (a one-step generator) or N (a few-step generator with backward simulation).
     update_ratio: the fake score is updated every step, the generator every ``update_ratio``-th.
@@ -42,6 +42,10 @@ class DistillConfig:
         :mod:`dar.distillation.lora`). fake_lora_rank: the same for the fake score.
     lora_alpha: the LoRA scaling is alpha / rank, for both models; 0 (the default) means alpha = rank,
         i.e. scaling 1, whatever the rank.
+    gan_generator_weight, gan_fake_weight: DMD2's GAN term (:mod:`dar.distillation.gan`), on when either
+        is > 0: the weight of the generator's GAN loss (added to the DM loss) and of the discriminator's
+        (added to the fake score's loss). gan_depth: the block whose routed input D's head reads; 0
+        (the default) means half the blocks.
     """
 
     steps: int = 2000
@@ -64,6 +68,9 @@ class DistillConfig:
     lora_rank: int = 0
     fake_lora_rank: int = 0
     lora_alpha: float = 0.0
+    gan_generator_weight: float = 0.0
+    gan_fake_weight: float = 0.0
+    gan_depth: int = 0
     log_every: int = 50
     ckpt_every: int = 500
     sample_every: int = 500
@@ -76,11 +83,11 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "ckpt_every", "sample_every", "eval_every", "eval_samples", "keep_checkpoints",
-                     "lora_rank", "fake_lora_rank"):
+                     "lora_rank", "fake_lora_rank", "gan_depth"):
             if getattr(self, name) < 0:
                 raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("cfg_scale", "student_lr", "fake_lr", "weight_decay", "grad_clip", "t_min", "t_max", "ema_decay",
-                     "lora_alpha"):
+                     "lora_alpha", "gan_generator_weight", "gan_fake_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"distill.{name} must be a finite number, got {getattr(self, name)}")
         for name in ("student_lr", "fake_lr"):
@@ -103,12 +110,30 @@ class DistillConfig:
         if self.lora_alpha and not (self.lora_rank or self.fake_lora_rank):
             raise ValueError(f"distill.lora_alpha={self.lora_alpha} has no effect without LoRA: set distill.lora_rank "
                              "and/or distill.fake_lora_rank > 0, or leave lora_alpha out")
+        if self.gan_generator_weight < 0 or self.gan_fake_weight < 0:
+            raise ValueError(f"distill.gan_generator_weight and distill.gan_fake_weight must be >= 0 (0: no GAN term), "
+                             f"got {self.gan_generator_weight} and {self.gan_fake_weight}")
+        if self.gan_depth and not self.gan:
+            raise ValueError(f"distill.gan_depth={self.gan_depth} has no effect without the GAN term: set "
+                             "distill.gan_generator_weight and/or distill.gan_fake_weight > 0, or leave gan_depth out")
         if self.teacher_weights not in WEIGHTS:
             raise ValueError(f"distill.teacher_weights={self.teacher_weights!r} is not one of {', '.join(WEIGHTS)}")
 
     def lora_alpha_for(self, rank: int) -> float:
         """The LoRA alpha of adapters of rank ``rank``: ``lora_alpha``, or ``rank`` when it is 0."""
         return self.lora_alpha or float(rank)
+
+    @property
+    def gan(self) -> bool:
+        """DMD2's GAN term is on: either of its weights is > 0."""
+        return self.gan_generator_weight > 0 or self.gan_fake_weight > 0
+
+    def gan_block(self, depth: int) -> int:
+        """The block (0-based) whose routed input D's head reads in a model of ``depth`` blocks."""
+        if not 0 <= self.gan_depth < depth:
+            raise ValueError(f"distill.gan_depth={self.gan_depth} must lie in [0, {depth - 1}] for the teacher's "
+                             f"{depth} blocks (0: half of them)")
+        return self.gan_depth or depth // 2
 
     @property
     def generator_update_steps(self) -> int:

@@ -13,6 +13,12 @@ Step s (0-based) does, with every random number drawn from generators seeded by 
 3. on those steps: the DM loss of x, one AdamW step of G (clipped), one EMA update;
 4. always: the fake score's velocity loss on x.detach(), one AdamW step of the fake score (clipped).
 
+With DMD2's GAN term (``distill.gan_generator_weight``, ``distill.gan_fake_weight``; :mod:`dar.distillation.gan`)
+step 3 adds the generator's GAN loss to the DM loss and step 4 the discriminator's loss, on x.detach() and
+a batch of the teacher's training data, to the fake score's; D's head is trained by the fake score's
+optimizer (after the fake score's own parameters) and saved in ``disc.safetensors``. Off by default, and
+then nothing of it runs: a run without it is bit for bit what it was before the term existed.
+
 A run directory is laid out as `dar train`'s: ``config.json`` (:class:`DistillRunConfig`),
 ``generator_config.json`` (the RunConfig that rebuilds and samples the generator), ``metrics.jsonl``,
 ``samples/step_*.png`` and ``checkpoints/step_*/`` with ``model.safetensors`` / ``ema.safetensors``
@@ -46,6 +52,14 @@ from dar.diffusion.samplers import SamplerConfig
 from dar.diffusion.transport import Transport
 from dar.distillation.config import RESUMABLE_CHANGES, DistillRunConfig, resolve_distill
 from dar.distillation.dmd import distribution_matching, fake_score_loss, generator_output
+from dar.distillation.gan import (
+    DiscriminatorHead,
+    RealData,
+    discriminator_logits,
+    discriminator_loss,
+    frozen,
+    generator_loss as gan_generator_loss,
+)
 from dar.distillation.lora import add_lora, load_trainable_state, merged_state_dict, trainable_state_dict
 from dar.errors import CheckpointError, TrainingDiverged
 from dar.files import atomic_write_text, directory_lock
@@ -75,6 +89,7 @@ from dar.training.trainer import MetricsLog, ProgressReport, config_differences
 RUN_RECORDS = ("metrics.jsonl", "config.json", "generator_config.json", "samples", "tensorboard")
 # the checkpoint file of each trained model's adapters, when it is trained with LoRA
 ADAPTER_FILES = {"model": "lora.safetensors", "fake": "fake_lora.safetensors"}
+DISC_FILE = "disc.safetensors"  # D's head (DMD2's GAN term), written only when the term is on
 
 
 def distill(teacher: str | Path | None, run_dir: str | Path, overrides=(), device: str | None = None,
@@ -178,20 +193,35 @@ class Distiller:
         for model, rank in ((self.student, d.lora_rank), (self.fake, d.fake_lora_rank)):
             if rank:
                 add_lora(model, rank, d.lora_alpha_for(rank))
+        # DMD2's GAN term: D's head, made after every other weight so that each is drawn as without it
+        self.head = self.real = None
+        if d.gan:
+            depth, dim, _ = teacher_config.model.dims
+            self.gan_block = d.gan_block(depth)
+            self.head = DiscriminatorHead(dim).to(env.device)
+            self.real = RealData(teacher_config)
         self.student.train()
         self.opt_student = self._adamw(self.student, d.student_lr, d.lora_rank)
-        self.opt_fake = self._adamw(self.fake, d.fake_lr, d.fake_lora_rank)
+        self.opt_fake = self._adamw(self.fake, d.fake_lr, d.fake_lora_rank, self.head)
         self.generator_updates = 0
 
     # -- set-up -----------------------------------------------------------------------------------
 
-    def _adamw(self, model: torch.nn.Module, lr: float, lora_rank: int) -> torch.optim.AdamW:
+    def _adamw(self, model: torch.nn.Module, lr: float, lora_rank: int,
+               head: torch.nn.Module | None = None) -> torch.optim.AdamW:
         """A LoRA model's optimizer holds its trainable parameters only. A fully trained model's holds all of
         them, as it always has: the fixed pos_embed never has a gradient (AdamW skips it), and keeping its
-        place keeps the layout of earlier runs' optimizer.pt."""
+        place keeps the layout of earlier runs' optimizer.pt. D's ``head`` (the fake score's, with the GAN
+        term) comes after the model's own parameters, so a run without it keeps that layout."""
         d = self.config.distill
-        params = [p for p in model.parameters() if p.requires_grad] if lora_rank else model.parameters()
+        params = [p for p in model.parameters() if p.requires_grad] if lora_rank else list(model.parameters())
+        if head is not None:
+            params += list(head.parameters())
         return torch.optim.AdamW(params, lr=lr, betas=d.betas, weight_decay=d.weight_decay)
+
+    def _fake_side(self) -> list[torch.nn.Parameter]:
+        """The parameters of the fake score's optimizer step, clipped together: the fake score's, D's head's."""
+        return [*self.fake.parameters(), *(self.head.parameters() if self.head is not None else ())]
 
     def _trained(self) -> tuple[tuple[str, torch.nn.Module, RunConfig, int], ...]:
         """The trained models: (checkpoint name, model, the RunConfig of its weights file, LoRA rank)."""
@@ -243,6 +273,9 @@ class Distiller:
             file = path / (ADAPTER_FILES[name] if rank else f"{name}.safetensors")
             tensors, _ = read_weights(file)
             (load_trainable_state if rank else load_state_into)(module, tensors, file)
+        if self.head is not None:  # read_weights and load_state_into name the file if missing or mismatched
+            tensors, _ = read_weights(path / DISC_FILE)
+            load_state_into(self.head, tensors, path / DISC_FILE)
         tensors, _ = read_weights(path / "ema.safetensors")
         load_state_into(self.ema, tensors, path / "ema.safetensors")
         file = path / "optimizer.pt"
@@ -335,9 +368,17 @@ class Distiller:
         fake_t = torch.rand(B, generator=g)
         fake_noise = torch.randn(shape, generator=g)
         device = self.env.device
-        return {"y": y.to(device), "z": z.to(device), "k": k, "rollout": [r.to(device) for r in rollout],
-                "dm_t": dm_t.to(device), "dm_noise": dm_noise.to(device), "fake_t": fake_t.to(device),
-                "fake_noise": fake_noise.to(device)}
+        inputs = {"y": y.to(device), "z": z.to(device), "k": k, "rollout": [r.to(device) for r in rollout],
+                  "dm_t": dm_t.to(device), "dm_noise": dm_noise.to(device), "fake_t": fake_t.to(device),
+                  "fake_noise": fake_noise.to(device)}
+        if self.real is not None:  # the GAN term: D's times (as the DM gradient's) and noises, then real images
+            g = seeded_generator(d.seed, step, Stream.DISTILL_GAN)
+            for side in ("gan_generator", "gan_fake", "gan_real"):
+                inputs[f"{side}_t"] = (d.t_min + (d.t_max - d.t_min) * torch.rand(B, generator=g)).to(device)
+                inputs[f"{side}_noise"] = torch.randn(shape, generator=g).to(device)
+            real_x, real_y = self.real.draw(B, g)
+            inputs.update(real_x=real_x.to(device), real_y=real_y.to(device))
+        return inputs
 
     def _step(self, step: int, last_saved: int | None) -> dict[str, float]:
         d = self.config.distill
@@ -349,11 +390,15 @@ class Distiller:
         if update_generator:
             loss, grad = distribution_matching(x, inputs["y"], self.teacher, self.fake, self.transport,
                                                inputs["dm_t"], inputs["dm_noise"], d.cfg_scale)
+            if d.gan_generator_weight > 0:
+                gan_loss = self._generator_gan_loss(x, inputs)
+                record["gan_generator_loss"] = gan_loss.item()
+                loss = loss + d.gan_generator_weight * gan_loss
             self._check_finite("generator loss", loss, step, last_saved)
             self._set_lr(self.opt_student, d.student_lr, step)
             self.opt_student.zero_grad(set_to_none=True)
             loss.backward()
-            record["generator_grad_norm"] = _clip(self.student, d.grad_clip)
+            record["generator_grad_norm"] = _clip(self.student.parameters(), d.grad_clip)
             self.opt_student.step()
             decay = min(d.ema_decay, (1 + self.generator_updates) / (10 + self.generator_updates)) if d.ema_warmup \
                 else d.ema_decay
@@ -361,14 +406,37 @@ class Distiller:
             self.generator_updates += 1
             record.update(generator_loss=loss.item(), dm_grad_norm=grad.norm().item())
         fake_loss = fake_score_loss(self.fake, x, inputs["y"], self.transport, inputs["fake_noise"], inputs["fake_t"])
+        record["fake_loss"] = fake_loss.item()  # the denoising loss alone, with or without the GAN term
+        if d.gan_fake_weight > 0:
+            fake_loss = fake_loss + d.gan_fake_weight * self._discriminator_loss(x, inputs, record)
         self._check_finite("fake-score loss", fake_loss, step, last_saved)
         self._set_lr(self.opt_fake, d.fake_lr, step)
         self.opt_fake.zero_grad(set_to_none=True)
         fake_loss.backward()
-        record["fake_grad_norm"] = _clip(self.fake, d.grad_clip)
+        record["fake_grad_norm"] = _clip(self._fake_side(), d.grad_clip)
         self.opt_fake.step()
-        record["fake_loss"] = fake_loss.item()
         return record
+
+    def _generator_gan_loss(self, x: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """softplus(-D(G(z))) of the generator's samples ``x`` (with grad): the fake score and the head are
+        frozen while D runs, so the gradient reaches G only and nothing leaks into the fake score's step."""
+        with frozen(self.fake, self.head):
+            logits = discriminator_logits(self.fake, self.head, self.gan_block, x, inputs["y"], self.transport,
+                                          inputs["gan_generator_t"], inputs["gan_generator_noise"])
+        return gan_generator_loss(logits)
+
+    def _discriminator_loss(self, x: torch.Tensor, inputs: dict, record: dict[str, float]) -> torch.Tensor:
+        """D's loss on the generator's samples (detached) and a real batch; logs it and D's mean logits."""
+        def logits(images, labels, side):
+            return discriminator_logits(self.fake, self.head, self.gan_block, images, labels, self.transport,
+                                        inputs[f"{side}_t"], inputs[f"{side}_noise"])
+
+        fake_logits = logits(x.detach(), inputs["y"], "gan_fake")
+        real_logits = logits(inputs["real_x"], inputs["real_y"], "gan_real")
+        loss = discriminator_loss(fake_logits, real_logits)
+        record.update(gan_fake_loss=loss.item(), gan_fake_logit=fake_logits.mean().item(),
+                      gan_real_logit=real_logits.mean().item())
+        return loss
 
     def _set_lr(self, optimizer, base: float, step: int) -> None:
         for group in optimizer.param_groups:
@@ -396,22 +464,24 @@ class Distiller:
 
     def _save(self, step: int) -> Path:
         """checkpoints/step_N/: generator, its EMA, the fake score (merged, when trained with LoRA, plus
-        their adapters), both optimizers, all or nothing."""
+        their adapters), D's head (with the GAN term), both optimizers, all or nothing."""
         weights = {"ema.safetensors": (self.ema.state_dict(), self.generator_config)}  # file -> (SiT state, config)
-        adapters = {}  # file -> trained state of a LoRA model
+        parts = {}  # file -> trained state that is not a SiT: a LoRA model's, D's head
         for name, module, config, rank in self._trained():
             weights[f"{name}.safetensors"] = (_plain_weights(module, rank), config)
             if rank:
-                adapters[ADAPTER_FILES[name]] = trainable_state_dict(module)
+                parts[ADAPTER_FILES[name]] = trainable_state_dict(module)
+        if self.head is not None:
+            parts[DISC_FILE] = self.head.state_dict()
         # the files, plus AdamW's two moments of every trained parameter
-        trained = sum(p.numel() * p.element_size() for _, module, _, _ in self._trained()
-                      for p in module.parameters() if p.requires_grad)
-        size = sum(_nbytes(t) for t, _ in weights.values()) + sum(map(_nbytes, adapters.values())) + 2 * trained
+        trained = sum(p.numel() * p.element_size() for module in (self.student, self.fake, self.head)
+                      if module is not None for p in module.parameters() if p.requires_grad)
+        size = sum(_nbytes(t) for t, _ in weights.values()) + sum(map(_nbytes, parts.values())) + 2 * trained
 
         def write(tmp: Path) -> dict:
             for file, (tensors, config) in weights.items():
                 save_weights(tensors, tmp / file, config, step)
-            for file, tensors in adapters.items():  # no run config: not a model that dar sample could load
+            for file, tensors in parts.items():  # no run config: not a model that dar sample could load
                 save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / file),
                           metadata={"format": FORMAT, "step": str(step)})
             torch.save({"generator": self.opt_student.state_dict(), "fake": self.opt_fake.state_dict()},
@@ -430,9 +500,12 @@ class Distiller:
                        f"({count_parameters(model)['trainable']:,} trainable parameters)"
                        for what, model, rank in (("generator", self.student, d.lora_rank),
                                                  ("fake score", self.fake, d.fake_lora_rank)) if rank)
+        gan = (f"; GAN term on (D's head at block {self.gan_block} of the fake score, weights "
+               f"{d.gan_generator_weight:g} generator / {d.gan_fake_weight:g} fake score, "
+               f"{len(self.real.dataset):,} real images)" if self.head is not None else "")
         print(f"[dar] distilling {self.teacher_record['file']} ({self.teacher_config.model.routing.describe}, step "
               f"{self.teacher_record['step']}) into a {kind} {m.arch} {m.routing.describe} generator "
-              f"({params['total']:,} parameters){lora}; "
+              f"({params['total']:,} parameters){lora}{gan}; "
               f"cfg {d.cfg_scale}, generator updated every {d.update_ratio} steps; "
               f"{'resuming at' if step else 'starting from'} step {step} of {d.steps} on {self.env.device}; "
               f"checkpoints {f'every {d.ckpt_every} steps and ' if d.ckpt_every else ''}at the end in "
@@ -455,9 +528,10 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _clip(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm to ``max_norm`` (0: no clipping); returns the norm before clipping."""
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf")).item()
+def _clip(params, max_norm: float) -> float:
+    """Clip the global gradient norm of ``params`` to ``max_norm`` (0: no clipping); returns the norm before
+    clipping."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")).item()
 
 
 def _class_names(config: RunConfig) -> list[str]:

@@ -283,6 +283,7 @@ class SiT(nn.Module):
         return_routing: bool = False,
         inspect: Callable | None = None,
         align: bool = False,
+        features_at: int | None = None,
     ):
         """Velocity prediction. x: [B, C, H, W], t: [B] in [0, 1], y: [B] class ids (num_classes = null).
 
@@ -293,6 +294,9 @@ class SiT(nn.Module):
         align: also return the projector's output [B, T, z_dim] for REPA. It reads the input of block
             ``align_depth``: under the residual stream the hidden state after that many blocks (REPA's
             choice), under DAR the routed mixture that block itself consumes (there is no single stream).
+        features_at: also return, last, the input of block ``features_at`` [B, T, D] (0-based; the same
+            state ``align`` projects, read at any block): the features DMD2's discriminator head reads
+            (:mod:`dar.distillation.gan`).
         """
         v0 = self.x_embedder(x) + self.pos_embed  # [B, T, D]
         t_emb = self.t_embedder(t)  # [B, D]
@@ -301,19 +305,25 @@ class SiT(nn.Module):
         stream = inspect(routed) if inspect is not None else routed
         if align and self.align_depth is None:
             raise ValueError("align=True needs a model built with a projector (repa.enabled=true)")
-        aligned = None
+        if features_at is not None and not 0 <= features_at < len(self.blocks):
+            raise ValueError(f"features_at must lie in [0, {len(self.blocks) - 1}] for {len(self.blocks)} blocks, "
+                             f"got {features_at}")
+        aligned = features = None
         for index, block in enumerate(self.blocks):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
             h = stream.next_input()  # [B, T, D]
             if align and index == self.align_depth:
                 aligned = self.projector(h)  # [B, T, z_dim]
+            if index == features_at:
+                features = h
             stream.push(self._sublayer(block.attn_update, h, shift_msa, scale_msa, gate_msa))
             stream.push(self._sublayer(block.mlp_update, stream.next_input(), shift_mlp, scale_mlp, gate_mlp))
         out = self.final_layer(stream.final_input(), c)  # [B, T, p*p*C_out]
         out = self.unpatchify(out)  # [B, C_out, H, W]
         if self.config.learn_sigma:
             out = out[:, : self.in_channels]  # SiT returns the velocity half only
-        extras = ([routed.weights or []] if return_routing else []) + ([aligned] if align else [])
+        extras = (([routed.weights or []] if return_routing else []) + ([aligned] if align else [])
+                  + ([features] if features_at is not None else []))
         return (out, *extras) if extras else out
 
 
