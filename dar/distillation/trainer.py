@@ -17,7 +17,7 @@ With DMD2's GAN term (``distill.gan_generator_weight``, ``distill.gan_fake_weigh
 step 3 adds the generator's GAN loss to the DM loss and step 4 the discriminator's loss, on x.detach() and
 a batch of the teacher's training data, to the fake score's; D's head is trained by the fake score's
 optimizer (after the fake score's own parameters) and saved in ``disc.safetensors``. Off by default, and
-then nothing of it runs: a run without it is bit for bit what it was before the term existed.
+then nothing of it runs: no parameters, random numbers, files or metrics of it.
 
 A run directory is laid out as `dar train`'s: ``config.json`` (:class:`DistillRunConfig`),
 ``generator_config.json`` (the RunConfig that rebuilds and samples the generator), ``metrics.jsonl``,
