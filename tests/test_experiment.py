@@ -71,6 +71,29 @@ def test_summary_speedup_against_each_seeds_baseline(tmp_path):
     assert 9 / 7 - 1e-9 <= lo < hi <= 1.5 + 1e-9
 
 
+def test_summary_leaves_out_runs_that_have_not_reached_their_last_step(tmp_path):
+    """A run still training must not lend its intermediate value to the final statistics or speedups."""
+    from dar.study.report import markdown_tables
+
+    path = write(tmp_path, STUDY.replace("train.steps=4", "train.steps=300"))
+    experiment = load_experiment(path)
+    dirs = run_dirs(experiment, tmp_path)
+    curves = {("residual", 0): [9, 7, 5], ("residual", 1): [10, 8, 6], ("dar", 0): [8, 5, 3], ("dar", 1): [4]}
+    for (variant, seed), values in curves.items():
+        d = dirs["main", variant, seed]
+        d.mkdir(parents=True)
+        lines = [json.dumps({"step": 100 * (i + 1), "eval/fd_fmnist": v}) for i, v in enumerate(values)]
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    summary = summarize(path, tmp_path)
+    dar = summary["groups"]["main"]["dar"]
+    assert dar["final"] == [3.0] and dar["seeds"] == [0] and dar["unfinished"] == {1: 100}
+    assert dar["speedup_per_seed"] == pytest.approx([1.5]) and dar["reached_baseline"] == "1/1"
+    assert summary["groups"]["chunk"]["c4"]["final"] == [3.0]  # the same run as main/dar/seed_0
+    report = markdown_tables(experiment, tmp_path, summary)
+    assert "| 3.00 | 3.00 (seeds 0) |" in report
+    assert "dar seed 1 (at step 100)" in report
+
+
 def test_report_draws_curves_and_tables_from_metrics(tmp_path):
     from dar.study.report import write_report
 

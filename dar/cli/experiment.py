@@ -42,6 +42,10 @@ def run(args) -> int:
                 lo, hi = row["speedup_ci95"]
                 line += (f"   speedup to baseline final: {row['speedup_mean']:.2f}x [{lo:.2f}, {hi:.2f}] "
                          f"(reached in {row['reached_baseline']} seeds)")
+            if row["unfinished"]:
+                line += "   unfinished: " + ", ".join(
+                    f"seed {seed} ({'no eval' if step is None else f'step {step}'})"
+                    for seed, step in row["unfinished"].items())
             print(line)
     print(f"\nwrote {out / 'summary.json'}")
     return 0

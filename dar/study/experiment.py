@@ -250,31 +250,45 @@ def bootstrap_interval(samples: list[float], statistic=np.mean, rounds: int = 20
 
 def summarize(path: str | Path, out: str | Path, metric: str = "eval/fd_fmnist") -> dict:
     """Per-group tables: final metric mean/std over seeds, iterations each variant needs to reach the
-    baseline's final value (per seed, against that seed's baseline), speedup with a bootstrap interval."""
+    baseline's final value (per seed, against that seed's baseline), speedup with a bootstrap interval.
+
+    Only runs evaluated at their last step count: a run still training (or stopped early) would lend
+    its intermediate value to the "final" statistics, so it is left out of them and listed under the
+    variant's ``unfinished`` as {seed: last evaluated step} (None: no evaluation yet)."""
     experiment = load_experiment(path)
     out = Path(out)
     dirs, lengths = run_dirs(experiment, out), run_steps(experiment)
+
+    def finished_series(group, variant, seed):
+        steps, values = eval_series(dirs[group.name, variant, seed], metric, lengths[group.name, variant, seed])
+        done = len(steps) > 0 and steps[-1] >= lengths[group.name, variant, seed]
+        return (steps, values) if done else None, int(steps[-1]) if len(steps) else None
+
     summary = {"experiment": experiment.name, "metric": metric, "groups": {}}
     for group in experiment.groups:
         table = {}
         for variant in group.variants:
-            finals, series = [], {}
+            finals, series, unfinished = [], {}, {}
             for seed in group.seeds:
-                steps, values = eval_series(dirs[group.name, variant, seed], metric, lengths[group.name, variant, seed])
+                done, last_step = finished_series(group, variant, seed)
+                if done is None:
+                    unfinished[seed] = last_step
+                    continue
+                steps, values = done
                 series[seed] = (steps.tolist(), values.tolist())
-                if len(values):
-                    finals.append(float(values[-1]))
-            table[variant] = {"series": series, "final": finals,
+                finals.append(float(values[-1]))
+            table[variant] = {"series": series, "final": finals, "seeds": list(series),
+                              "unfinished": unfinished,
                               "final_mean": float(np.mean(finals)) if finals else None,
                               "final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else None}
         if group.baseline:
             for variant, row in table.items():
                 speedups, reaches = [], []
                 for seed in group.seeds:
-                    b_steps, b_values = eval_series(dirs[group.name, group.baseline, seed], metric,
-                                                   lengths[group.name, group.baseline, seed])
-                    v_steps, v_values = eval_series(dirs[group.name, variant, seed], metric, lengths[group.name, variant, seed])
-                    if len(b_values) and len(v_values):
+                    base, _ = finished_series(group, group.baseline, seed)
+                    run, _ = finished_series(group, variant, seed)
+                    if base is not None and run is not None:
+                        (b_steps, b_values), (v_steps, v_values) = base, run
                         reach = steps_to_reach(v_steps, v_values, b_values[-1])
                         reaches.append(reach if np.isfinite(reach) else None)
                         speedups.append(b_steps[-1] / reach if np.isfinite(reach) else float("nan"))

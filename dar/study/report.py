@@ -47,7 +47,10 @@ def curves_figure(experiment: Experiment, out: Path, group, metrics=tuple(METRIC
                       for seed in group.seeds]
             for steps, values in series:
                 ax.plot(steps, values, color=colours(i), alpha=0.3, linewidth=0.8)
-            steps, matrix = _common_series(series)
+            # the mean is over finished runs: a run still training would cut it to its own length
+            finished = [(s, v) for (s, v), seed in zip(series, group.seeds)
+                        if len(s) and s[-1] >= lengths[group.name, variant, seed]]
+            steps, matrix = _common_series(finished)
             if len(steps):
                 mean = matrix.mean(0)
                 ax.plot(steps, mean, color=colours(i), linewidth=1.8, label=f"{variant} (n={len(matrix)})")
@@ -103,7 +106,7 @@ def markdown_tables(experiment: Experiment, out: Path, summary: dict) -> str:
         lines += [header, "|" + "---|" * 6]
         for variant, row in table.items():
             accs = []
-            for seed in group.seeds:
+            for seed in row.get("seeds", group.seeds):
                 _, values = eval_series(dirs[group.name, variant, seed], "eval/class_acc", lengths[group.name, variant, seed])
                 if len(values):
                     accs.append(float(values[-1]))
@@ -117,8 +120,15 @@ def markdown_tables(experiment: Experiment, out: Path, summary: dict) -> str:
                     lo, hi = row["speedup_ci95"]
                     speedup = f"{row['speedup_mean']:.2f}x [{lo:.2f}, {hi:.2f}]"
             name = f"{variant} (baseline)" if variant == group.baseline else variant
-            lines.append(f"| {name} | {_fmt(row['final'])} | {', '.join(f'{v:.2f}' for v in row['final']) or '—'} "
+            per_seed = ", ".join(f"{v:.2f}" for v in row["final"]) or "—"
+            if len(row.get("seeds", group.seeds)) < len(group.seeds):
+                per_seed += f" (seeds {', '.join(map(str, row['seeds'])) or 'none'})"
+            lines.append(f"| {name} | {_fmt(row['final'])} | {per_seed} "
                          f"| {_fmt(accs, 3)} | {reach} | {speedup} |")
+        unfinished = [f"{variant} seed {seed} ({'no evaluation yet' if step is None else f'at step {step}'})"
+                      for variant, row in table.items() for seed, step in row.get("unfinished", {}).items()]
+        if unfinished:
+            lines += ["", "Not finished, left out of the table: " + "; ".join(unfinished) + "."]
         lines.append("")
     return "\n".join(lines)
 
