@@ -290,3 +290,41 @@ def test_script_runs_as_a_command(study_summary, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (out / "depth_scaling.png").exists() and (out / "depth_scaling.json").exists()
     assert json.loads((out / "depth_scaling.json").read_text())["symptoms"] == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/symptoms.py: the symptom table of any diagnose reports
+# ---------------------------------------------------------------------------------------------
+
+
+def run_symptoms_script(*args):
+    return subprocess.run([sys.executable, str(SCRIPT.parent / "symptoms.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_symptoms_script_table_and_json(tmp_path):
+    paths = write_reports(tmp_path, depths=(6,))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(synthetic_report(name="deep", growth=8.0)))
+    out = tmp_path / "sym" / "symptoms.json"
+    done = run_symptoms_script(paths[6], other, "--out", out)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    # synthetic residual at depth 6: growth 3, gradient ratios 4, 2.5, 2 (mean 17/6), cosine 0.92
+    assert "| res | 6 | 3.00 [3.00, 3.00] (3.00) | 2.83 [2.00, 4.00] (2.50) | 0.920 [0.900, 0.940] (0.920) |" \
+        in rows["res"]
+    assert rows["deep"].startswith("| deep | 4 | 8.00")
+    written = json.loads(out.read_text())
+    assert set(written["checkpoints"]) == {"res", "dar", "deep"}
+    assert written["checkpoints"]["dar"]["norm_growth"] == pytest.approx(0.5)
+    assert written["inputs"][str(other)] == file_sha256(other)
+
+
+def test_symptoms_script_rejects_duplicate_names_and_bad_files(tmp_path):
+    paths = write_reports(tmp_path, depths=(6, 12))
+    done = run_symptoms_script(paths[6], paths[12])
+    assert done.returncode != 0 and "'res' appears in more than one report" in done.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    done = run_symptoms_script(bad)
+    assert done.returncode != 0 and "bad.json is not a readable dar diagnose report.json" in done.stderr
