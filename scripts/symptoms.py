@@ -4,8 +4,8 @@ checkpoint in one or more ``dar diagnose`` reports, as one Markdown table and on
 
     python scripts/symptoms.py runs/diag/routers/report.json --out runs/diag/routers/symptoms.json
 
-prints the table (mean over the report's t grid, [min, max] over it, and the value at the overview t)
-and writes the JSON: every number per t, the definitions, the inputs' paths and SHA-256, the command
+prints the table (mean over the report's t grid, [min, max] over it, and the value at the overview t;
+for routed checkpoints also how far the routing weights moved from uniform) and writes the JSON: every number per t, the definitions, the inputs' paths and SHA-256, the command
 and the package versions. Checkpoint names must be unique across the reports.
 """
 
@@ -17,6 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dar.files import atomic_write_text  # noqa: E402
@@ -24,6 +26,23 @@ from dar.provenance import file_sha256, package_versions  # noqa: E402
 from dar.study.depth import DEFINITIONS, SYMPTOMS, symptom_strengths  # noqa: E402
 
 LABELS = {"norm_growth": "norm growth", "gradient_ratio": "gradient ratio", "adjacent_cosine": "adjacent cosine"}
+
+
+def departure_from_uniform(entry: dict) -> dict | None:
+    """How far the routing left its initialisation (zero queries: uniform weights 1/K over each
+    aggregator's K sources): per aggregator with K > 1, max_i |alpha_i - 1/K|; then its mean and max
+    over aggregators and the report's t grid. None for checkpoints without routing weights."""
+    per_t = [point.get("routing_alpha") for point in entry.get("per_t", [])]
+    if not per_t or any(a is None for a in per_t):
+        return None
+    distances = []
+    for alpha in per_t:
+        alpha = np.array(alpha, dtype=float)  # [source, layer], NaN where a layer does not read a source
+        for column in alpha.T:
+            weights = column[np.isfinite(column)]
+            if len(weights) > 1:
+                distances.append(float(np.abs(weights - 1.0 / len(weights)).max()))
+    return {"mean": float(np.mean(distances)), "max": float(np.max(distances))} if distances else None
 
 
 def collect(reports: list[Path], at_t: float | None = None) -> dict[str, dict]:
@@ -41,7 +60,8 @@ def collect(reports: list[Path], at_t: float | None = None) -> dict[str, dict]:
             if name in rows:
                 raise SystemExit(f"symptoms: checkpoint name {name!r} appears in more than one report "
                                  "(rename with dar diagnose --names)")
-            rows[name] = {**row, "report": str(path)}
+            entry = next(e for e in report["checkpoints"] if e.get("name") == name)
+            rows[name] = {**row, "departure_from_uniform": departure_from_uniform(entry), "report": str(path)}
     return rows
 
 
@@ -52,12 +72,14 @@ def markdown(rows: dict[str, dict]) -> str:
 
     t = {row["at_overview_t"]["t"] for row in rows.values()}
     lines = [f"mean over the t grid [min, max over t] (value at t = {', '.join(f'{v:g}' for v in sorted(t))})", "",
-             "| checkpoint | blocks | " + " | ".join(LABELS[k] for k in SYMPTOMS) + " |",
-             "|---|---|" + "---|" * len(SYMPTOMS)]
+             "| checkpoint | blocks | " + " | ".join(LABELS[k] for k in SYMPTOMS)
+             + " | routing: distance from uniform, mean (max) |",
+             "|---|---|" + "---|" * (len(SYMPTOMS) + 1)]
     for name, row in rows.items():
         digits = {"norm_growth": 2, "gradient_ratio": 2, "adjacent_cosine": 3}
         lines.append(f"| {name} | {row['num_blocks']} | "
-                     + " | ".join(cell(row, k, digits[k]) for k in SYMPTOMS) + " |")
+                     + " | ".join(cell(row, k, digits[k]) for k in SYMPTOMS) + " | "
+                     + (f"{d['mean']:.3f} ({d['max']:.3f})" if (d := row["departure_from_uniform"]) else "—") + " |")
     return "\n".join(lines)
 
 

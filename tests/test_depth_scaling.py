@@ -328,3 +328,19 @@ def test_symptoms_script_rejects_duplicate_names_and_bad_files(tmp_path):
     bad.write_text("{not json")
     done = run_symptoms_script(bad)
     assert done.returncode != 0 and "bad.json is not a readable dar diagnose report.json" in done.stderr
+
+
+def test_symptoms_script_departure_from_uniform():
+    spec = importlib.util.spec_from_file_location("symptoms_script", SCRIPT.parent / "symptoms.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    nan = float("nan")
+    # layer 1 reads one source (no choice: left out); layer 2 reads 0.7 / 0.3 (0.2 from uniform), then
+    # 0.5 / 0.5 at the second t; layer 3 reads three sources, 0.6 / 0.2 / 0.2 (max 0.6 - 1/3)
+    alphas = [[[1.0, 0.7, 0.6], [nan, 0.3, 0.2], [nan, nan, 0.2]],
+              [[1.0, 0.5, 0.6], [nan, 0.5, 0.2], [nan, nan, 0.2]]]
+    entry = {"per_t": [{"routing_alpha": a} for a in alphas]}
+    found = module.departure_from_uniform(entry)
+    assert found["max"] == pytest.approx(0.6 - 1 / 3)
+    assert found["mean"] == pytest.approx((0.2 + (0.6 - 1 / 3) + 0.0 + (0.6 - 1 / 3)) / 4)
+    assert module.departure_from_uniform({"per_t": [{"t": 0.5}]}) is None  # residual: no routing weights
