@@ -50,6 +50,9 @@ class BenchPreset:
 
 BENCH_PRESETS = {
     "cpu": BenchPreset(ModelConfig(arch="SiT-Nano/4", input_size=32, in_channels=1, num_classes=10), 32, 64),
+    # the routers and depth studies' model (configs/routers_study.toml): width 64, so the stream's own
+    # cost weighs more against the sublayers than at SiT-Nano/4's 128
+    "cpu-study": BenchPreset(ModelConfig(arch="SiT-Pico/4", input_size=32, in_channels=1, num_classes=10), 32, 64),
     "cpu-deep": BenchPreset(ModelConfig(arch="SiT-Micro/4", input_size=32, in_channels=1, num_classes=10), 64, 64),
     "sit-s2": BenchPreset(ModelConfig(arch="SiT-S/2"), 32, 32),
     "sit-b2": BenchPreset(ModelConfig(arch="SiT-B/2"), 64, 64),
