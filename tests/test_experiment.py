@@ -202,7 +202,7 @@ baseline = "residual"
 [group.variants]
 residual = ["model.routing.mode=residual", "train.steps=6"]
 [[group]]
-name = "chunk"''')
+name = "chunk"''').replace('"train.steps=4",', '"train.steps=4", "train.ckpt_every=1", "train.keep_checkpoints=1",')
 
 
 def test_a_longer_group_continues_the_shared_run_and_each_group_reads_its_own_length(tmp_path):
@@ -218,6 +218,8 @@ def test_a_longer_group_continues_the_shared_run_and_each_group_reads_its_own_le
     run_experiment(path, tmp_path, progress=False)
     evals = [json.loads(l)["step"] for l in (shared / "metrics.jsonl").read_text().splitlines() if "eval/fd_fmnist" in l]
     assert evals == [2, 4, 6]
+    # the main group's final checkpoint survives the continuation, despite keep_checkpoints=1
+    assert {c.name for c in (shared / "checkpoints").iterdir()} >= {"step_0000004", "step_0000006"}
     summary = summarize(path, tmp_path)
     assert len(summary["groups"]["main"]["residual"]["series"][0][0]) == 2  # steps 2 and 4 only
     assert summary["groups"]["long"]["residual"]["series"][0][0] == [2, 4, 6]

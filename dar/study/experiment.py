@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +203,10 @@ def _train_next(order, progress: bool) -> int | None:
                 continue
             if is_finished(path, config):  # another worker finished it since we looked
                 continue
+            if any(other == path and item[3].train.steps < config.train.steps for other, item in order):
+                # continuing a shorter group's run: checkpoint pruning would delete that group's final
+                # checkpoint, which its own results (and anything started from it) refer to
+                config = replace(config, train=replace(config.train, keep_checkpoints=0))
             print(f"[dar experiment] {group.name}/{variant}/seed_{seed} -> {path}", flush=True)
             # The directory is this config's own: records without a checkpoint are an interrupted start of
             # the same run, with nothing to continue from, so it starts again
