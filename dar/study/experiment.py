@@ -17,7 +17,9 @@ An experiment file (TOML) names a preset, shared overrides, and groups of varian
 
 Every (group, variant, seed) is an ordinary run directory ``OUT/runs/<config hash>`` trained by
 :func:`dar.training.trainer.train`, which continues from its latest checkpoint; two groups that ask for the same
-resolved config (e.g. the chunk ablation's c4 and the main comparison's static_t) share one run.
+resolved config (e.g. the chunk ablation's c4 and the main comparison's static_t) share one run. A group
+that differs only in ``train.steps`` continues the shorter group's run in the same directory, keeping
+every checkpoint so the shorter group's final one survives; each group reads its own length.
 ``OUT/index.json`` maps group/variant/seed to run directories. Runs go seed-major and
 round-robin over variants, every group's first seed first, so an interrupted study still compares every variant at the same seeds.
 The same ``train.seed`` gives every variant the same data order, noise, t and initial SiT weights
