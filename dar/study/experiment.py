@@ -181,10 +181,18 @@ def execution_order(experiment: Experiment, out: Path) -> list[tuple[Path, tuple
     """Unique runs as (directory, (group, variant, seed, config)): every group's first seed before any
     group's second, so a study cut short still has each comparison (the chunk ablation included) at
     matching seeds. Runs two groups share keep their first place; a group that trains a shared run for
-    more steps continues it in its own place."""
+    more steps continues it in its own place, keeping every checkpoint: pruning would delete the shorter
+    group's final one, which its results (and anything started from it) refer to."""
     unique = {}
     for group, variant, seed, config in experiment.runs():
         unique.setdefault((run_dir(out, config), config.train.steps), (group, variant, seed, config))
+    shortest = {}
+    for path, steps in unique:
+        shortest[path] = min(steps, shortest.get(path, steps))
+    for (path, steps), (group, variant, seed, config) in unique.items():
+        if steps > shortest[path]:
+            config = replace(config, train=replace(config.train, keep_checkpoints=0))
+            unique[path, steps] = (group, variant, seed, config)
     order = sorted(unique.items(), key=lambda item: item[1][0].seeds.index(item[1][2]))
     return [(path, item) for (path, _), item in order]
 
@@ -205,10 +213,6 @@ def _train_next(order, progress: bool) -> int | None:
                 continue
             if is_finished(path, config):  # another worker finished it since we looked
                 continue
-            if any(other == path and item[3].train.steps < config.train.steps for other, item in order):
-                # continuing a shorter group's run: checkpoint pruning would delete that group's final
-                # checkpoint, which its own results (and anything started from it) refer to
-                config = replace(config, train=replace(config.train, keep_checkpoints=0))
             print(f"[dar experiment] {group.name}/{variant}/seed_{seed} -> {path}", flush=True)
             # The directory is this config's own: records without a checkpoint are an interrupted start of
             # the same run, with nothing to continue from, so it starts again
@@ -228,6 +232,11 @@ def eval_series(path: Path, key: str, until: int | None = None) -> tuple[np.ndar
                 steps.append(record["step"])
                 values.append(record[key])
     return np.array(steps), np.array(values, dtype=float)
+
+
+def evaluated_to_the_end(steps: np.ndarray, length: int) -> bool:
+    """Whether a run's evaluations reach its last step (the trainer always evaluates the last one)."""
+    return len(steps) > 0 and steps[-1] >= length
 
 
 def steps_to_reach(steps: np.ndarray, values: np.ndarray, target: float) -> float:
@@ -265,22 +274,19 @@ def summarize(path: str | Path, out: str | Path, metric: str = "eval/fd_fmnist")
     out = Path(out)
     dirs, lengths = run_dirs(experiment, out), run_steps(experiment)
 
-    def finished_series(group, variant, seed):
-        steps, values = eval_series(dirs[group.name, variant, seed], metric, lengths[group.name, variant, seed])
-        done = len(steps) > 0 and steps[-1] >= lengths[group.name, variant, seed]
-        return (steps, values) if done else None, int(steps[-1]) if len(steps) else None
-
     summary = {"experiment": experiment.name, "metric": metric, "groups": {}}
     for group in experiment.groups:
+        done = {}  # (variant, seed) -> (steps, values) of the runs evaluated to their last step
         table = {}
         for variant in group.variants:
             finals, series, unfinished = [], {}, {}
             for seed in group.seeds:
-                done, last_step = finished_series(group, variant, seed)
-                if done is None:
-                    unfinished[seed] = last_step
+                length = lengths[group.name, variant, seed]
+                steps, values = eval_series(dirs[group.name, variant, seed], metric, length)
+                if not evaluated_to_the_end(steps, length):
+                    unfinished[seed] = int(steps[-1]) if len(steps) else None
                     continue
-                steps, values = done
+                done[variant, seed] = steps, values
                 series[seed] = (steps.tolist(), values.tolist())
                 finals.append(float(values[-1]))
             table[variant] = {"series": series, "final": finals, "seeds": list(series),
@@ -291,10 +297,8 @@ def summarize(path: str | Path, out: str | Path, metric: str = "eval/fd_fmnist")
             for variant, row in table.items():
                 speedups, reaches = [], []
                 for seed in group.seeds:
-                    base, _ = finished_series(group, group.baseline, seed)
-                    run, _ = finished_series(group, variant, seed)
-                    if base is not None and run is not None:
-                        (b_steps, b_values), (v_steps, v_values) = base, run
+                    if (group.baseline, seed) in done and (variant, seed) in done:
+                        (b_steps, b_values), (v_steps, v_values) = done[group.baseline, seed], done[variant, seed]
                         reach = steps_to_reach(v_steps, v_values, b_values[-1])
                         reaches.append(reach if np.isfinite(reach) else None)
                         speedups.append(b_steps[-1] / reach if np.isfinite(reach) else float("nan"))

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from dar.study.experiment import Experiment, eval_series, run_dirs, run_steps
+from dar.study.experiment import Experiment, eval_series, evaluated_to_the_end, run_dirs, run_steps
 
 METRICS = {  # key -> (label, lower is better)
     "eval/fd_fmnist": ("FD (in-domain classifier features)", True),
@@ -49,7 +49,7 @@ def curves_figure(experiment: Experiment, out: Path, group, metrics=tuple(METRIC
                 ax.plot(steps, values, color=colours(i), alpha=0.3, linewidth=0.8)
             # the mean is over finished runs: a run still training would cut it to its own length
             finished = [(s, v) for (s, v), seed in zip(series, group.seeds)
-                        if len(s) and s[-1] >= lengths[group.name, variant, seed]]
+                        if evaluated_to_the_end(s, lengths[group.name, variant, seed])]
             steps, matrix = _common_series(finished)
             if len(steps):
                 mean = matrix.mean(0)
@@ -106,7 +106,7 @@ def markdown_tables(experiment: Experiment, out: Path, summary: dict) -> str:
         lines += [header, "|" + "---|" * 6]
         for variant, row in table.items():
             accs = []
-            for seed in row.get("seeds", group.seeds):
+            for seed in row["seeds"]:
                 _, values = eval_series(dirs[group.name, variant, seed], "eval/class_acc", lengths[group.name, variant, seed])
                 if len(values):
                     accs.append(float(values[-1]))
@@ -121,12 +121,12 @@ def markdown_tables(experiment: Experiment, out: Path, summary: dict) -> str:
                     speedup = f"{row['speedup_mean']:.2f}x [{lo:.2f}, {hi:.2f}]"
             name = f"{variant} (baseline)" if variant == group.baseline else variant
             per_seed = ", ".join(f"{v:.2f}" for v in row["final"]) or "—"
-            if len(row.get("seeds", group.seeds)) < len(group.seeds):
+            if len(row["seeds"]) < len(group.seeds):
                 per_seed += f" (seeds {', '.join(map(str, row['seeds'])) or 'none'})"
             lines.append(f"| {name} | {_fmt(row['final'])} | {per_seed} "
                          f"| {_fmt(accs, 3)} | {reach} | {speedup} |")
         unfinished = [f"{variant} seed {seed} ({'no evaluation yet' if step is None else f'at step {step}'})"
-                      for variant, row in table.items() for seed, step in row.get("unfinished", {}).items()]
+                      for variant, row in table.items() for seed, step in row["unfinished"].items()]
         if unfinished:
             lines += ["", "Not finished, left out of the table: " + "; ".join(unfinished) + "."]
         lines.append("")
